@@ -1,0 +1,14 @@
+"""One error type for every problem a user can fix: it names the file and says what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SalmonnError(Exception):
+    """A user-facing error. The CLI prints it on one line and exits non-zero."""
+
+    def __init__(self, problem: str, path: str | Path | None = None):
+        self.problem = problem
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)

@@ -1,0 +1,159 @@
+"""The LLM side of SALMONN: base model, tokenizer with `[PAD]`, resized embeddings, LoRA via peft.
+
+A bitsandbytes NF4 base (the challenge trained on `unsloth/...-bnb-4bit`) is dequantized on
+load from its stored quant state, in plain torch, so no GPU or bitsandbytes is needed and LoRA
+sits on the same NF4-dequantized weights it was trained against (spec 8.8).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from salmonn_export.errors import SalmonnError
+from salmonn_export.model.weights import load_strict, read_hf_state_dict
+
+PAD_TOKEN = "[PAD]"
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                ".quant_state.bitsandbytes__fp4")
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer + `[PAD]` added as a new token, right padding (spec 2.8)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SalmonnError("LLM folder not found (no model hub access: give a local folder)", folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise SalmonnError(f"cannot load the tokenizer ({str(exc).splitlines()[0][:160]})", folder) from None
+    tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "right"
+    return tok
+
+
+def _bnb_quant_config(folder: Path) -> dict | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SalmonnError(f"unreadable LLM config.json ({exc})", folder / "config.json") from None
+    q = cfg.get("quantization_config")
+    if q and q.get("quant_method") == "bitsandbytes":
+        return q
+    return None
+
+
+def dequantize_bnb_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, state: dict,
+                        nested_absmax: torch.Tensor | None = None, nested_quant_map: torch.Tensor | None = None) -> torch.Tensor:
+    """bitsandbytes 4-bit blockwise dequantization (NF4/FP4 code book in `quant_map`).
+
+    Bytes hold two codes, high nibble first; each block of `blocksize` values shares one absmax,
+    itself 8-bit quantized in blocks of `nested_blocksize` when double quantization was used.
+    """
+    codes = packed.reshape(-1).to(torch.int64)
+    idx = torch.stack([(codes >> 4) & 0xF, codes & 0xF], dim=1).reshape(-1)
+    values = quant_map.float()[idx]
+    if nested_absmax is not None:
+        nb = int(state["nested_blocksize"])
+        scale = nested_quant_map.float()[absmax.reshape(-1).to(torch.int64)]
+        scale = scale.view(-1)
+        n = scale.numel()
+        blocks = torch.repeat_interleave(nested_absmax.float().reshape(-1), nb)[:n]
+        absmax_f = scale * blocks + float(state.get("nested_offset", 0.0))
+    else:
+        absmax_f = absmax.float().reshape(-1)
+    blocksize = int(state["blocksize"])
+    shape = tuple(state["shape"])
+    numel = int(torch.tensor(shape).prod())
+    values = values[:numel]
+    scales = torch.repeat_interleave(absmax_f, blocksize)[:numel]
+    return (values * scales).reshape(shape)
+
+
+def _dequantize_bnb_state(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    quantized = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in state if k.endswith(".quant_state.bitsandbytes__nf4")]
+    quantized += [k[: -len(".quant_state.bitsandbytes__fp4")] for k in state if k.endswith(".quant_state.bitsandbytes__fp4")]
+    consumed = set()
+    for name in quantized:
+        qs_key = next(k for k in (f"{name}.quant_state.bitsandbytes__nf4", f"{name}.quant_state.bitsandbytes__fp4") if k in state)
+        try:
+            qs = json.loads(bytes(state[qs_key].to(torch.uint8).tolist()).decode("utf-8"))
+            nested = f"{name}.nested_absmax" in state
+            out[name] = dequantize_bnb_4bit(
+                state[name], state[f"{name}.absmax"], state[f"{name}.quant_map"], qs,
+                state.get(f"{name}.nested_absmax"), state.get(f"{name}.nested_quant_map"),
+            )
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise SalmonnError(f"cannot dequantize bitsandbytes 4-bit weight `{name}` ({exc})", source) from None
+        consumed.update(k for k in state if k == name or (k.startswith(name + ".") and k.endswith(BNB_SUFFIXES)))
+        if not nested:
+            consumed.discard(f"{name}.nested_absmax")
+    for k, v in state.items():
+        if k not in consumed:
+            if k.endswith(BNB_SUFFIXES) or (v.dtype == torch.uint8 and k.endswith(".weight")):
+                raise SalmonnError(f"bitsandbytes tensor `{k}` has no usable quant state", source)
+            out[k] = v
+    return out
+
+
+def load_base_llm(folder: str | Path) -> torch.nn.Module:
+    """The base LlamaForCausalLM in fp32 (NF4 bases dequantized)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SalmonnError("LLM folder has no config.json (no model hub access: give a local folder)", folder)
+    quant = _bnb_quant_config(folder)
+    if quant is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SalmonnError(f"cannot load the LLM ({str(exc).splitlines()[0][:200]})", folder) from None
+        return model.eval()
+    if not quant.get("load_in_4bit"):
+        raise SalmonnError("8-bit bitsandbytes LLM checkpoints cannot be dequantized here; give the unquantized base", folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = _dequantize_bnb_state(read_hf_state_dict(folder, "LLM"), folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("rotary_emb.inv_freq")}
+    load_strict(model, state, folder, "bitsandbytes 4-bit LLM")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def resize_with_mean_rows(model: torch.nn.Module, new_size: int) -> None:
+    """Grow the vocab to `new_size`, new rows = exact mean of the old rows (our documented rule, spec 2.8).
+
+    The challenge draws the new row at random on every load; any fixed rule is a choice, the mean is
+    the deterministic centre of that distribution.
+    """
+    emb = model.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if new_size <= old:
+        return
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    old_emb = emb.weight.detach().clone()
+    old_head = head.weight.detach().clone() if head is not None and not tied else None
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:] = old_emb.mean(dim=0, dtype=torch.float64).to(old_emb.dtype)
+        if old_head is not None:
+            model.get_output_embeddings().weight[old:] = old_head.mean(dim=0, dtype=torch.float64).to(old_head.dtype)
+
+
+def apply_lora(model: torch.nn.Module, rank: int, alpha: int, dropout: float):
+    """peft LoRA exactly as SALMONN configures it (targets: peft's llama default, q_proj and v_proj)."""
+    config = LoraConfig(task_type="CAUSAL_LM", inference_mode=False, r=rank, lora_alpha=alpha, lora_dropout=dropout)
+    peft_model = get_peft_model(model, config)
+    return peft_model.eval()

@@ -1,0 +1,54 @@
+"""Task prompts: the challenge's `test_prompt.json` (shipped), or the config's `test_prompt_path`.
+
+Task names on the command line: `asr` and `aac` (= the challenge's `audiocaption_v2` key), or
+any key of the prompt file.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from salmonn_export.errors import SalmonnError
+
+SPEECH_PLACEHOLDER = "<SpeechHere>"
+TASK_ALIASES = {"aac": "audiocaption_v2"}
+
+
+def builtin_test_prompts() -> dict[str, str]:
+    return json.loads(resources.files("salmonn_export.model").joinpath("test_prompt.json").read_text(encoding="utf-8"))
+
+
+def load_prompt_file(path: str | Path) -> dict[str, str]:
+    """A prompt JSON of task → prompt (or → list of prompts, as training files hold; the first is used)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SalmonnError("prompt file not found", path) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SalmonnError(f"prompt file is not valid JSON ({exc})", path) from None
+    if not isinstance(data, dict):
+        raise SalmonnError("prompt file must map task names to prompts", path)
+    prompts = {}
+    for task, value in data.items():
+        if isinstance(value, list):
+            value = next((v for v in value if isinstance(v, str) and SPEECH_PLACEHOLDER in v), None)
+        if not isinstance(value, str) or SPEECH_PLACEHOLDER not in value:
+            raise SalmonnError(f"prompt for task `{task}` has no {SPEECH_PLACEHOLDER}", path)
+        prompts[task] = value
+    return prompts
+
+
+def task_key(task: str) -> str:
+    return TASK_ALIASES.get(task, task)
+
+
+def templated_prompt(prompts: dict[str, str], task: str, template: str) -> str:
+    """`prompt_template.format(test_prompt[task])`; `{}` placeholders stay unfilled, as in evaluate_salmonn."""
+    key = task_key(task)
+    if key not in prompts:
+        raise SalmonnError(f"unknown task `{task}`; known: asr, aac, " + ", ".join(sorted(prompts)))
+    prompt = prompts[key]
+    return template.format(prompt) if template else prompt
