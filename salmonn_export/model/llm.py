@@ -147,9 +147,9 @@ def resize_with_mean_rows(model: torch.nn.Module, new_size: int) -> None:
     old_head = head.weight.detach().clone() if head is not None and not tied else None
     model.resize_token_embeddings(new_size, mean_resizing=False)
     with torch.no_grad():
-        model.get_input_embeddings().weight[old:] = old_emb.mean(dim=0, dtype=torch.float64).to(old_emb.dtype)
+        model.get_input_embeddings().weight[old:] = old_emb.mean(dim=0)
         if old_head is not None:
-            model.get_output_embeddings().weight[old:] = old_head.mean(dim=0, dtype=torch.float64).to(old_head.dtype)
+            model.get_output_embeddings().weight[old:] = old_head.mean(dim=0)
 
 
 def apply_lora(model: torch.nn.Module, rank: int, alpha: int, dropout: float):

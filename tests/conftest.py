@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny real-format SALMONNs, synthesized audio, the challenge-made fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from salmonn_export.model.synth import espeak_available, sound_scene, speak
+from salmonn_export.model.tiny import write_tiny_salmonn
+
+ROOT = Path(__file__).resolve().parents[1]
+CHALLENGE_FIXTURE = ROOT.parent / "shared" / "fixtures" / "challenge-made-tiny"
+
+
+@pytest.fixture(scope="session")
+def challenge_fixture() -> Path:
+    if not (CHALLENGE_FIXTURE / "config.yaml").is_file():
+        pytest.skip(f"challenge-made fixture not found at {CHALLENGE_FIXTURE} (it lives in ../shared)")
+    return CHALLENGE_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return write_tiny_salmonn(tmp_path_factory.mktemp("tiny") / "salmonn", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from salmonn_export.model.salmonn import load_salmonn
+
+    return load_salmonn(tiny_dir / "config.yaml")
+
+
+@pytest.fixture(scope="session")
+def audio_dir(tmp_path_factory) -> Path:
+    """Speech from espeak-ng (22.05 kHz rendered → 16 kHz) and generated scenes, several formats."""
+    folder = tmp_path_factory.mktemp("audio")
+    if espeak_available():
+        speak("the quick brown fox jumps over the lazy dog", folder / "speech_a.wav", voice="en-us")
+        speak("please write down what you hear", folder / "speech_b.wav", voice="en-gb", speed=140)
+    else:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+    sf.write(folder / "tone_2s.wav", sound_scene("tone", 2.0), 16000)
+    sf.write(folder / "chirp_2s.wav", sound_scene("chirp", 2.0), 16000)
+    stereo = np.stack([sound_scene("beeps", 1.5, 22050), sound_scene("noise", 1.5, 22050, seed=3)], axis=1)
+    sf.write(folder / "stereo_22k.wav", stereo, 22050)
+    sf.write(folder / "short_0.4s.wav", sound_scene("chirp", 0.4), 16000)
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    os.environ["SALMONN_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -1,0 +1,57 @@
+"""The CLI end to end: tiny, inspect, generate, and one-line errors with non-zero exits."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_tiny_inspect_generate_json(tmp_path, audio_dir):
+    made = json.loads(run("tiny", tmp_path / "m", "--seed", "1", "--json").stdout)
+    config = made["config"]
+    assert made["files"]["checkpoint_best.pth"] > 0 and "llm/tokenizer.json" in made["files"]
+    report = json.loads(run("inspect", "--model", config, "--json").stdout)
+    assert report["components"]["qformer"]["speech_tokens"] == 88
+    assert report["components"]["lora"]["targets"] == ["q_proj", "v_proj"]
+    assert report["problems"] == []
+    out = json.loads(run("generate", "--model", config, "--task", "asr", "--json", "--max-new-tokens", "4",
+                         audio_dir / "speech_a.wav", audio_dir / "stereo_22k.wav").stdout)
+    assert [r["audio"] for r in out["results"]] == [str(audio_dir / "speech_a.wav"), str(audio_dir / "stereo_22k.wav")]
+    assert all(isinstance(r["text"], str) for r in out["results"])
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_dir, audio_dir):
+    proc = run("generate", "--model", tmp_path / "missing.yaml", audio_dir / "tone_2s.wav", check=False)
+    assert proc.returncode == 2 and "missing.yaml: config file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("generate", "--model", tiny_dir / "config.yaml", audio_dir / "broken.wav", check=False)
+    assert proc.returncode == 2 and "broken.wav: unreadable audio" in proc.stderr
+    proc = run("generate", "--model", tiny_dir / "config.yaml", "--task", "nope", audio_dir / "tone_2s.wav", check=False)
+    assert proc.returncode == 2 and "unknown task `nope`" in proc.stderr
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    proc = run("tiny", tmp_path / "taken", check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+
+
+def test_inspect_reports_problems_with_exit_1(challenge_fixture):
+    proc = run("inspect", "--model", challenge_fixture / "config.yaml", "--json", check=False)
+    assert proc.returncode == 1
+    problems = json.loads(proc.stdout)["problems"]
+    assert any("Low_resource" in p for p in problems)
+
+
+def test_help_teaches_with_examples():
+    for cmd in ("tiny", "inspect", "generate"):
+        assert "Example:" in run(cmd, "--help").stdout
