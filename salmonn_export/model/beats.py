@@ -100,12 +100,12 @@ def kaldi_fbank(wave: torch.Tensor, num_mel_bins: int = 128) -> torch.Tensor:
     strided = strided - strided.mean(dim=1, keepdim=True)
     shifted = F.pad(strided.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)
     strided = strided - 0.97 * shifted[:, :-1]
-    window = torch.hann_window(window_size, periodic=False, dtype=dtype).pow(0.85).unsqueeze(0)
+    window = torch.hann_window(window_size, periodic=False, dtype=dtype, device=wave.device).pow(0.85).unsqueeze(0)
     strided = F.pad(strided * window, (0, padded - window_size))
     spectrum = torch.fft.rfft(strided).abs().pow(2.0)
-    banks = kaldi_mel_banks(num_mel_bins, padded).to(dtype)
+    banks = kaldi_mel_banks(num_mel_bins, padded).to(device=wave.device, dtype=dtype)
     energies = torch.mm(spectrum, banks.T)
-    eps = torch.tensor(torch.finfo(torch.float).eps).to(dtype)
+    eps = torch.tensor(torch.finfo(torch.float).eps).to(device=wave.device, dtype=dtype)
     return torch.max(energies, eps).log()
 
 

@@ -65,6 +65,8 @@ class SALMONN(nn.Module):
         self.speech_query_tokens = nn.Parameter(torch.zeros(1, m.num_speech_query_token, BERT_HIDDEN))
         self.llama_tokenizer = load_tokenizer(config.resolve(m.llama_path))
         base = load_base_llm(config.resolve(m.llama_path))
+        if torch.device(device).type == "cuda":
+            base = base.half()  # the challenge loads the LLM with torch_dtype=float16; peft keeps LoRA in fp32
         resize_with_mean_rows(base, len(self.llama_tokenizer))
         self.speech_llama_proj = nn.Linear(BERT_HIDDEN, base.config.hidden_size)
         self.llama_model = apply_lora(base, m.lora_rank, m.lora_alpha, m.lora_dropout) if m.lora else base
