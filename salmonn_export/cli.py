@@ -117,14 +117,19 @@ def tiny(
 @app.command()
 @handle_errors
 def inspect(
+    engine: Annotated[Path | None, typer.Argument(help="An engine bundle folder to describe instead of a model.")] = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
 ):
     """Show a trained SALMONN's components, parameter counts, dtypes, LoRA setup, checkpoint contents
-    and every consistency problem found. Exit code 1 when problems are found.
+    and every consistency problem found (exit 1 when there are problems) — or an engine bundle.
 
     Example: salmonn-export inspect --model path/to/config.yaml
+    Example: salmonn-export inspect engines/demo-w4a16
     """
+    if engine is not None:
+        _inspect_bundle(engine, as_json)
+        return
     from salmonn_export.model.inspect import inspect_model
 
     report = inspect_model(_model_config(model))
@@ -155,6 +160,122 @@ def inspect(
             out.print("[green]no consistency problems found[/]")
     if report["problems"]:
         raise typer.Exit(1)
+
+
+def _inspect_bundle(engine: Path, as_json: bool) -> None:
+    from salmonn_export.export.manifest import read_manifest
+
+    manifest = read_manifest(engine)
+    if as_json:
+        print(json.dumps(manifest, indent=1, default=str))
+        return
+    r = manifest["recipe"]
+    out.print(f"bundle {engine} — recipe [bold]{r['name']}[/] (format {manifest['format_version']}, "
+              f"salmonn-export {manifest['tool']['version']}); all {len(manifest['files'])} file hashes verified")
+    table = Table()
+    for col in ("component", "precision", "MB", "inputs", "export max rel err", "cosine"):
+        table.add_column(col)
+    for name, c in manifest["components"].items():
+        ins = ", ".join(i["name"] for i in c["inputs"][:3]) + (f" +{len(c['inputs']) - 3}" if len(c["inputs"]) > 3 else "")
+        v = c["validation"]
+        table.add_row(name, c["precision"] + (f" + int{manifest['quantization']['bits']}" if name == "decoder"
+                                              and manifest.get("quantization") else ""),
+                      f"{c['bytes'] / 1e6:.2f}", ins, f"{v['max_rel']:.2e}", f"{v['cosine']:.8f}")
+    out.print(table)
+    q = manifest.get("quantization")
+    if q:
+        ev = q.get("llm_eval_on_calibration") or {}
+        out.print(f"quantization: {q['method']} int{q['bits']} group {q['group_size']} act_order={q['act_order']}, "
+                  f"{q['layers']} layers; vs fp32 on calibration: KL {ev.get('mean_kl', float('nan')):.4g}, "
+                  f"top-1 {ev.get('top1_agreement', float('nan')):.3f}")
+    out.print(f"TensorRT: {manifest['tensorrt']}")
+
+
+@app.command()
+def recipes(as_json: JsonOpt = False):
+    """List the built-in build recipes (recipes/*.yaml); `build --recipe PATH.yaml` takes your own.
+
+    Example: salmonn-export recipes --json
+    """
+    from salmonn_export.recipes import builtin_recipes, load_recipe
+
+    rows = []
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        w = r.llm.weights
+        rows.append({"name": name, "description": r.description,
+                     "llm_weights": None if w is None else f"{w.method} int{w.bits} g{w.group_size}",
+                     "precisions": {k: c.precision for k, c in r.components.items()}})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title="build recipes")
+    for col in ("name", "LLM weights", "description"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["llm_weights"] or "-", row["description"])
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def build(
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe (see `recipes`) or a .yaml path.")] = "w4a16",
+    model: ModelOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default engines/<model>-<recipe>).")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration audio: a folder or an annotation .json "
+                                                    "(default: the demo clips).")] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="Calibration sequences (default from the recipe).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines for the encoders and Q-Former.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for calibration order and dummy inputs.")] = 0,
+    as_json: JsonOpt = False,
+):
+    """Build an engine bundle: merge LoRA, quantize the LLM, export every component to ONNX, validate.
+
+    Example: salmonn-export build --recipe w4a16 --model path/to/config.yaml --out engines/mine-w4a16
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from salmonn_export.export.build import BuildOptions, StageLog, build_bundle
+    from salmonn_export.recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    config = _model_config(model)
+    if out_dir is None:
+        stem = "demo" if model is None else config.resolve().parent.name
+        out_dir = Path("engines") / f"{stem}-{rec.name}"
+    if calib_samples is not None and calib_samples < 1:
+        raise SalmonnError("--calib-samples must be >= 1")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=as_json) as progress:
+        current = {"task": None}
+
+        def on_stage(name):
+            if current["task"] is not None:
+                progress.update(current["task"], completed=1, total=1)
+            current["task"] = progress.add_task(name, total=1)
+
+        def on_progress(_name, done, total):
+            progress.update(current["task"], completed=done, total=total)
+
+        log = StageLog(on_stage=on_stage, on_progress=on_progress)
+        report = build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
+                                                        force=force, trt=trt, seed=seed), log)
+        if current["task"] is not None:
+            progress.update(current["task"], completed=1, total=1)
+    if as_json:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    out.print(f"built [bold]{report['bundle']}[/] in {report['total_seconds']:.1f} s, "
+              f"{report['bundle_bytes'] / 1e6:.2f} MB")
+    for name, v in report["validation"].items():
+        out.print(f"  {name:16s} {report['sizes'][name] / 1e6:8.2f} MB  max rel err {v['max_rel']:.2e}  cosine {v['cosine']:.8f}")
+    if report["quantization_eval"]:
+        q = report["quantization_eval"]
+        out.print(f"  LLM vs fp32 on calibration: KL {q['mean_kl']:.4g}, top-1 agreement {q['top1_agreement']:.3f}")
+    if report["tensorrt"].get("status") not in ("not requested", "built"):
+        err.print(f"TensorRT skipped: {report['tensorrt'].get('reason')}")
 
 
 @app.command()

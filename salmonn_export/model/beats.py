@@ -276,10 +276,11 @@ class BEATsEncoder(nn.Module):
 
 def downsample_padding_mask(features: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     """BEATs `forward_padding_mask`: drop the remainder, view as [B, T, -1], `all(-1)`."""
-    extra = padding_mask.size(1) % features.size(1)
+    length = features.size(1)
+    extra = padding_mask.size(1) % length
     if extra > 0:
         padding_mask = padding_mask[:, :-extra]
-    padding_mask = padding_mask.view(padding_mask.size(0), features.size(1), -1)
+    padding_mask = padding_mask.view(padding_mask.size(0), length, -1)
     return padding_mask.all(-1)
 
 
@@ -297,25 +298,36 @@ class BEATs(nn.Module):
         if cfg.finetuned_model:
             self.predictor = nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class)
 
+    def token_count(self, frames: int, mel_bins: int = 128) -> int:
+        """Patch tokens for `frames` fbank frames: (T_f // 16) · (128 // 16)."""
+        p = self.cfg.input_patch_size
+        return (frames // p) * (mel_bins // p)
+
+    def token_padding_mask(self, raw_padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
+        """Sample-level mask → frame level → token level, the two `forward_padding_mask` steps."""
+        frame_mask = downsample_padding_mask(torch.empty(0, frames), raw_padding_mask)
+        return downsample_padding_mask(torch.empty(0, self.token_count(frames)), frame_mask)
+
     def extract_features(self, raw_wav: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`extract_features(raw_wav, padding_mask, feature_only=True)[0]`: [B, 8·(T_f//16), D]."""
         fbank = beats_fbank(raw_wav)
+        token_mask = None
         if padding_mask is not None:
-            padding_mask = downsample_padding_mask(fbank, padding_mask)
+            token_mask = self.token_padding_mask(padding_mask, fbank.shape[1])
         fbank = fbank.to(self.patch_embedding.weight.dtype)
-        return self.forward_fbank(fbank, padding_mask)
+        return self.forward_fbank(fbank, token_mask)
 
-    def forward_fbank(self, fbank: torch.Tensor, frame_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """From normalised fbank [B, T_f, 128] (and the frame-level mask) to features."""
+    def forward_fbank(self, fbank: torch.Tensor, token_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """From normalised fbank [B, T_f, 128] (and the token-level mask) to features.
+
+        This is the part exported to ONNX; the fbank and masks are computed in the runtime.
+        """
         features = self.patch_embedding(fbank.unsqueeze(1))
         features = features.reshape(features.shape[0], features.shape[1], -1).transpose(1, 2)
         features = self.layer_norm(features)
-        padding_mask = None
-        if frame_padding_mask is not None:
-            padding_mask = downsample_padding_mask(features, frame_padding_mask)
         if self.post_extract_proj is not None:
             features = self.post_extract_proj(features)
-        return self.encoder(features, padding_mask)
+        return self.encoder(features, token_padding_mask)
 
 
 def load_beats(path: str | Path) -> BEATs:

@@ -1,0 +1,286 @@
+"""`salmonn-export build`: trained SALMONN + recipe → a self-describing engine bundle.
+
+Stages: load the reference → merge LoRA → quantize the LLM (GPTQ on audio-conditioned
+calibration, or RTN) → export Whisper, BEATs, Q-Former and the KV-cache decoder to ONNX →
+int4/int8 weights as MatMulNBits → fp16 where the recipe asks → validate every graph against
+PyTorch → tokenizer, embedding table, mel filters → (TensorRT engines) → manifest. The bundle is
+written in a temporary folder beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from salmonn_export import __version__
+from salmonn_export.errors import SalmonnError
+from salmonn_export.export.manifest import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
+from salmonn_export.export.matmul_nbits import inject_matmul_nbits
+from salmonn_export.export.onnx_export import check_model, export_component, save_model, validate_component
+from salmonn_export.export.specs import ExportSpec, beats_spec, decoder_spec, qformer_spec, whisper_spec
+from salmonn_export.model.config import SalmonnConfig, load_config
+from salmonn_export.model.salmonn import SALMONN
+from salmonn_export.recipes import Recipe
+from salmonn_export.transforms.calibration import build_calibration, calibration_items
+from salmonn_export.transforms.lora import merge_error, merged_llm
+from salmonn_export.transforms.quantize import quantize_model
+
+FP16_MAX_REL = 0.1  # fp16 graphs: judged mainly by cosine (outliers in large logits dominate max error)
+FP16_MIN_COSINE = 0.999
+
+
+@dataclass
+class BuildOptions:
+    out: Path
+    calib: Path | None = None
+    calib_samples: int | None = None
+    force: bool = False
+    trt: bool = False
+    seed: int = 0
+
+
+@dataclass
+class StageLog:
+    """Stage timings; `on_stage(name)` lets the CLI draw progress."""
+
+    on_stage: Callable[[str], None] | None = None
+    on_progress: Callable[[str, int, int], None] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.on_stage:
+            self.on_stage(name)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+def _source_hashes(cfg: SalmonnConfig) -> dict[str, str]:
+    m = cfg.model
+    hashes = {"config": sha256_file(cfg.path)} if cfg.path else {}
+    for label, value in (("ckpt", m.ckpt), ("beats", m.beats_path)):
+        if value:
+            hashes[label] = sha256_file(cfg.resolve(value))
+    for label, value in (("whisper", m.whisper_path), ("llm", m.llama_path)):
+        folder = cfg.resolve(value)
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                hashes[f"{label}/{f.name}"] = sha256_file(f)
+    return hashes
+
+
+def _io_signature(path: Path) -> tuple[list[dict], list[dict]]:
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+        return out
+
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def _to_fp16(path: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(path))
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    wrapped = OnnxModel(model)
+    wrapped.topological_sort()  # the converter appends its input casts after their consumers
+    save_model(wrapped.model, path)
+
+
+def _library_versions() -> dict[str, str]:
+    import onnxruntime
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__}
+
+
+@torch.no_grad()
+def _quantization_eval(reference: torch.nn.Module, quantized: torch.nn.Module, sequences: list[dict]) -> dict:
+    """Next-token KL and top-1 agreement of the quantized LLM vs the merged fp32 LLM (all positions)."""
+    kls, agree, n = 0.0, 0, 0
+    for kwargs in sequences:
+        lr = torch.log_softmax(reference(**kwargs).logits.double(), -1)
+        lq = torch.log_softmax(quantized(**kwargs).logits.double(), -1)
+        kls += float((lr.exp() * (lr - lq)).sum(-1).sum())
+        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+        n += lr.shape[0] * lr.shape[1]
+    return {"positions": n, "mean_kl": kls / max(n, 1), "top1_agreement": agree / max(n, 1)}
+
+
+def build_bundle(config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog | None = None) -> dict:
+    """Build a bundle; returns the build report (also written as build_report.json)."""
+    log = log or StageLog()
+    out = options.out.expanduser().resolve()
+    if out.exists() and not options.force:
+        raise SalmonnError("bundle already exists (use --force to replace it)", out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    except OSError as exc:
+        raise SalmonnError(f"cannot write the bundle here ({exc.strerror})", out.parent) from None
+    try:
+        report = _build_into(tmp, config_path, recipe, options, log)
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report["bundle"] = str(out)
+    return report
+
+
+def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog) -> dict:
+    torch.manual_seed(options.seed)
+    with log.stage("load reference"):
+        cfg = load_config(config_path)
+        salmonn = SALMONN(cfg)
+    with log.stage("merge LoRA"):
+        llm = merged_llm(salmonn)
+        lora_error = merge_error(salmonn, llm)
+    quant = None
+    quant_eval = None
+    weights = recipe.llm.weights
+    calib_info = None
+    if weights is not None:
+        sequences = []
+        with log.stage("calibration data"):
+            source = options.calib
+            if source is None:
+                from salmonn_export.model.demo import ensure_demo_model
+
+                source = ensure_demo_model().parent / "audio"
+            settings = recipe.calibration
+            if options.calib_samples:
+                settings = replace(settings, samples=options.calib_samples)
+            sequences = build_calibration(salmonn, calibration_items(source), settings)
+            calib_info = {"source": str(source), "sequences": len(sequences),
+                          "tokens": int(sum(s["inputs_embeds"].shape[1] for s in sequences)),
+                          "settings": asdict(settings)}
+        reference_llm = copy.deepcopy(llm)
+        with log.stage(f"quantize LLM ({weights.method} int{weights.bits})"):
+            quant = quantize_model(llm, weights, recipe.llm.skip_modules,
+                                   sequences if weights.method == "gptq" else None, progress=log.on_progress)
+        quant_eval = _quantization_eval(reference_llm, llm, sequences) if sequences else None
+        del reference_llm
+    embed_scale = float(salmonn.embed_tokens(torch.arange(min(256, len(salmonn.llama_tokenizer)))).std())
+    specs: list[ExportSpec] = [whisper_spec(salmonn)]
+    if salmonn.beats is not None:
+        specs.append(beats_spec(salmonn))
+    specs += [qformer_spec(salmonn), decoder_spec(llm, embed_scale)]
+    precision_of = {"whisper_encoder": "whisper", "beats": "beats", "qformer": "qformer", "decoder": "llm"}
+    components: dict[str, dict] = {}
+    for spec in specs:
+        recipe_comp = recipe.components[precision_of[spec.name]]
+        with log.stage(f"export {spec.name}"):
+            path = export_component(spec, bundle, opset=recipe.opset, seed=options.seed)
+            extra = {}
+            if spec.name == "decoder" and quant is not None:
+                model = onnx.load(str(path))
+                extra = inject_matmul_nbits(model, quant.layers, source=str(path))
+                save_model(model, path)
+            if recipe_comp.precision == "fp16":
+                _to_fp16(path)
+                spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
+            check_model(path)
+        with log.stage(f"validate {spec.name}"):
+            validation = validate_component(spec, path, seed=options.seed + 1)
+        if not validation["passed"]:
+            raise SalmonnError(f"exported {spec.name} differs from PyTorch: max relative error "
+                               f"{validation['max_rel']:.3g} (limit {spec.max_rel_err:g}), cosine "
+                               f"{validation['cosine']:.6f} (limit {spec.min_cosine:g})", path)
+        inputs, outputs = _io_signature(path)
+        components[spec.name] = {
+            "file": path.name, "data_file": path.name + ".data", "precision": recipe_comp.precision,
+            "inputs": inputs, "outputs": outputs, "validation": validation,
+            "bytes": path.stat().st_size + (bundle / (path.name + ".data")).stat().st_size, **extra,
+        }
+    with log.stage("tokenizer, embeddings, audio front end"):
+        tok_dir = bundle / "tokenizer"
+        salmonn.llama_tokenizer.save_pretrained(str(tok_dir))
+        for f in tok_dir.iterdir():  # keep only what the runtime reads
+            if f.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                f.unlink()
+        np.save(bundle / "embed_tokens.npy", llm.get_input_embeddings().weight.detach().float().numpy())
+        fe = salmonn.feature_extractor
+        np.save(bundle / "mel_filters.npy", np.asarray(fe.mel_filters, dtype=np.float64))
+    trt_info = {"status": "not requested"}
+    if options.trt:
+        with log.stage("TensorRT engines"):
+            from salmonn_export.export.tensorrt import build_trt_engines
+
+            trt_info = build_trt_engines(bundle, components, recipe.trt)
+    lcfg = llm.config
+    tok = salmonn.llama_tokenizer
+    eos = salmonn.causal_lm.generation_config.eos_token_id
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "salmonn-export", "version": __version__},
+        "recipe": recipe.to_dict(),
+        "source": {"config": str(cfg.path), "sha256": _source_hashes(cfg)},
+        "components": components,
+        "llm": {"layers": lcfg.num_hidden_layers, "hidden": lcfg.hidden_size, "heads": lcfg.num_attention_heads,
+                "kv_heads": lcfg.num_key_value_heads,
+                "head_dim": getattr(lcfg, "head_dim", None) or lcfg.hidden_size // lcfg.num_attention_heads,
+                "vocab": int(llm.get_input_embeddings().weight.shape[0]), "lora_merge_max_abs_logit_diff": lora_error},
+        "tokenizer": {"folder": "tokenizer", "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+                      "len": len(tok)},
+        "generation": {**vars(cfg.generate), "pad_token_id": salmonn.causal_lm.config.eos_token_id,
+                       "eos_token_id": eos if isinstance(eos, list) else [eos]},
+        "prompts": {"template": cfg.model.prompt_template, "test_prompts": salmonn.test_prompts,
+                    "placeholder": "<SpeechHere>"},
+        "audio": {"sample_rate": 16000, "max_seconds": 30, "min_seconds": 1, "resampler": "soxr_hq",
+                  "whisper": {"n_fft": fe.n_fft, "hop_length": fe.hop_length, "n_mels": fe.feature_size,
+                              "n_samples": fe.n_samples, "mel_filters": "mel_filters.npy"},
+                  "beats": None if salmonn.beats is None else {
+                      "num_mel_bins": 128, "frame_length_ms": 25, "frame_shift_ms": 10, "scale": 2**15,
+                      "fbank_mean": 15.41663, "fbank_std": 6.55582, "patch": salmonn.beats.cfg.input_patch_size}},
+        "qformer": {"window": salmonn.window, "stride": salmonn.stride, "speech_tokens": 88},
+        "embed_tokens": "embed_tokens.npy",
+        "quantization": None if quant is None else {
+            "method": weights.method, "bits": weights.bits, "group_size": weights.group_size,
+            "act_order": weights.act_order, "symmetric": weights.symmetric, "damp": weights.damp,
+            "layers": len(quant.layers),
+            "layer_group_sizes": sorted({q.group_size for q in quant.layers.values()}),
+            "per_layer_error": quant.errors, "calibration": calib_info, "llm_eval_on_calibration": quant_eval},
+        "tensorrt": trt_info,
+        "library_versions": _library_versions(),
+        "seed": options.seed,
+    }
+    manifest["files"] = hash_tree(bundle)
+    manifest["sizes"] = {name: c["bytes"] for name, c in components.items()}
+    manifest["sizes"]["embed_tokens"] = (bundle / "embed_tokens.npy").stat().st_size
+    write_json(bundle / MANIFEST, manifest)
+    report = {"recipe": recipe.name, "seconds": log.seconds, "total_seconds": round(sum(log.seconds.values()), 3),
+              "sizes": manifest["sizes"], "bundle_bytes": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
+              "validation": {k: {m: v["validation"][m] for m in ("max_abs", "max_rel", "cosine")} for k, v in components.items()},
+              "lora_merge_max_abs_logit_diff": lora_error, "quantization_eval": quant_eval, "tensorrt": trt_info,
+              "warnings": cfg.warnings}
+    write_json(bundle / "build_report.json", report)
+    return report

@@ -1,0 +1,101 @@
+"""One generic exporter: any `ExportSpec` → an ONNX file, checked and validated against PyTorch.
+
+The TorchScript-based exporter (opset 17) gives hierarchical, stable node names
+(`/model/layers.0/self_attn/q_proj/MatMul`) that quantization uses to find each Linear, and
+plain ops that TensorRT parses. Every graph is checked with `onnx.checker` (full check, shape
+inference) and then run in ONNX Runtime on fresh inputs of other shapes than the export used.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from salmonn_export.errors import SalmonnError
+from salmonn_export.export.specs import ExportSpec
+
+
+def export_component(spec: ExportSpec, out_dir: Path, opset: int = 17, seed: int = 0) -> Path:
+    """Export `spec.wrapper` to `out_dir/spec.filename` (weights as external data)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / spec.filename
+    gen = torch.Generator().manual_seed(seed)
+    args = spec.dummy(gen)
+    tmp = out_dir / f".{spec.filename}.raw"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(spec.wrapper, args, str(tmp), input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    model = onnx.load(str(tmp))
+    tmp.unlink()
+    for leftover in out_dir.glob(f".{spec.filename}.raw*"):
+        leftover.unlink()
+    save_model(model, path)
+    return path
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save with all weights in one `<name>.data` file beside it (deterministic, <2 GB protobuf)."""
+    data_name = path.name + ".data"
+    if (path.parent / data_name).exists():
+        (path.parent / data_name).unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+
+
+def check_model(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SalmonnError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}", path) from None
+
+
+def session(path: Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = int(os.environ.get("SALMONN_EXPORT_THREADS", "0"))
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    ref = ref.astype(np.float64)
+    out = out.astype(np.float64)
+    max_abs = float(np.abs(ref - out).max()) if ref.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 1.0
+    denom = np.linalg.norm(ref) * np.linalg.norm(out)
+    cosine = float((ref * out).sum() / denom) if denom else 1.0
+    return {"max_abs": max_abs, "max_rel": max_abs / scale if scale else max_abs, "cosine": cosine}
+
+
+@torch.no_grad()
+def validate_component(spec: ExportSpec, path: Path, seed: int = 1, torch_module: torch.nn.Module | None = None) -> dict:
+    """Run ORT and PyTorch on fresh inputs; worst case over inputs and outputs."""
+    sess = session(path)
+    gen = torch.Generator().manual_seed(seed)
+    module = torch_module or spec.wrapper
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "cosine": 1.0}
+    cases = []
+    for args in spec.fresh(gen):
+        ref = module(*args)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        feeds = {name: a.numpy() for name, a in zip(spec.input_names, args)}
+        outs = sess.run(spec.output_names, feeds)
+        for name, r, o in zip(spec.output_names, ref, outs):
+            if tuple(r.shape) != tuple(o.shape):
+                raise SalmonnError(f"{spec.name}: output `{name}` has shape {o.shape}, PyTorch gives {tuple(r.shape)}", path)
+            stats = compare(r.numpy(), o)
+            worst = {"max_abs": max(worst["max_abs"], stats["max_abs"]), "max_rel": max(worst["max_rel"], stats["max_rel"]),
+                     "cosine": min(worst["cosine"], stats["cosine"])}
+        cases.append([list(a.shape) for a in args[:2]])
+    worst["cases"] = cases
+    worst["tolerance_max_rel"] = spec.max_rel_err
+    worst["tolerance_min_cosine"] = spec.min_cosine
+    worst["passed"] = worst["max_rel"] <= spec.max_rel_err and worst["cosine"] >= spec.min_cosine
+    return worst

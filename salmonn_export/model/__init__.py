@@ -1,0 +1,1 @@
+"""The PyTorch reference SALMONN."""

@@ -1,0 +1,1 @@
+"""Engine runtime: onnxruntime + numpy + tokenizer only (no torch, no model/)."""

@@ -1,0 +1,78 @@
+"""Calibration sequences for GPTQ: what the LLM really sees.
+
+Real audio runs through the reference's encoders, Q-Former and prompt wrap (for each task's
+prompt), giving `inputs_embeds` with the 88 speech embeddings spliced in; where the data has a
+reference text, its tokens (plus end_sym) are appended, teacher-forced, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from salmonn_export.errors import SalmonnError
+from salmonn_export.model.audio import load_audio
+from salmonn_export.model.salmonn import SALMONN
+from salmonn_export.recipes import Calibration
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+
+@dataclass
+class CalibItem:
+    audio: Path
+    text: str | None = None
+    task: str | None = None
+
+
+def calibration_items(source: str | Path) -> list[CalibItem]:
+    """Audio from a folder (all audio files, sorted) or a challenge annotation JSON (with texts)."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        if not files:
+            raise SalmonnError("calibration folder holds no audio files", source)
+        return [CalibItem(p) for p in files]
+    if source.suffix == ".json" and source.is_file():
+        try:
+            ann = json.loads(source.read_text(encoding="utf-8"))["annotation"]
+        except (ValueError, KeyError, TypeError):
+            raise SalmonnError("calibration annotation must be JSON with an `annotation` list", source) from None
+        items = []
+        for a in ann:
+            if "path" not in a:
+                raise SalmonnError("annotation item without `path`", source)
+            path = Path(a["path"])
+            path = path if path.is_absolute() else source.parent / path
+            task = {"audiocaption_v2": "aac"}.get(a.get("task", "asr"), a.get("task", "asr"))
+            items.append(CalibItem(path, a.get("text"), task))
+        return items
+    raise SalmonnError("--calib must be an audio folder or an annotation .json", source)
+
+
+@torch.no_grad()
+def build_calibration(salmonn: SALMONN, items: list[CalibItem], settings: Calibration) -> list[dict[str, torch.Tensor]]:
+    """One sequence per (clip, task) up to `settings.samples`, in a seeded order."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(items), generator=gen).tolist()
+    sequences: list[dict[str, torch.Tensor]] = []
+    tok = salmonn.llama_tokenizer
+    for idx in order:
+        item = items[idx]
+        wave = load_audio(item.audio)
+        tasks = [item.task] if item.task else list(settings.tasks)
+        batch = salmonn.make_batch([wave], tasks[:1])
+        speech = salmonn.encode_speech(batch)
+        for task in tasks:
+            embeds, atts = salmonn.prompt_wrap(speech, salmonn.prompts_for([task]))
+            if settings.teacher_forcing and item.text:
+                ids = tok(item.text + salmonn.config.generate.end_sym, add_special_tokens=False, return_tensors="pt").input_ids
+                embeds = torch.cat([embeds, salmonn.embed_tokens(ids)], dim=1)
+                atts = torch.cat([atts, torch.ones_like(ids)], dim=1)
+            sequences.append({"inputs_embeds": embeds.float(), "attention_mask": atts})
+            if len(sequences) >= settings.samples:
+                return sequences
+    return sequences

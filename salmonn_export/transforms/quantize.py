@@ -1,0 +1,247 @@
+"""Weight-only quantization of the merged LLM's Linear layers: RTN and GPTQ.
+
+Both produce, per Linear [N out, K in], integer codes [N, K] and scales [N, K/group] with a
+fixed symmetric zero point 2^(bits-1): W ≈ (codes − zero)·scale. That is exactly the layout of
+ONNX Runtime's MatMulNBits (block = group), so export packs these codes as they are.
+
+GPTQ (Frantar et al. 2022) with act-order uses *static groups*: group scales are fixed from the
+natural column order before the columns are permuted by Hessian diagonal, so groups stay
+contiguous and no g_idx is needed at inference. Layers are quantized in order (sequentially),
+each calibrated on the outputs of the already-quantized layers before it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from salmonn_export.recipes import WeightQuant
+
+
+@dataclass
+class QuantizedLinear:
+    codes: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # float32 [N, K // group]
+    bits: int
+    group_size: int
+
+    @property
+    def zero(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    def dequantize(self) -> torch.Tensor:
+        scales = self.scales.repeat_interleave(self.group_size, dim=1)
+        return (self.codes.float() - self.zero) * scales
+
+
+@dataclass
+class QuantResult:
+    layers: dict[str, QuantizedLinear] = field(default_factory=dict)
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)  # per layer: weight / output error
+    seconds: float = 0.0
+
+
+def target_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The decoder's Linear layers to quantize (HF names), skipping `lm_head`/embeddings by default."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(s == name.split(".")[-1] or s == name for s in skip):
+            out[name] = module
+    return out
+
+
+def effective_group(in_features: int, group_size: int) -> int:
+    """The recipe's group, or for narrow layers (K not a multiple of it) the largest power of two ≥16 dividing K."""
+    if in_features % group_size == 0:
+        return group_size
+    g = group_size
+    while g > 16 and in_features % g:
+        g //= 2
+    if in_features % g:
+        raise ValueError(f"in_features {in_features} has no power-of-two group >= 16")
+    return g
+
+
+def _for_layer(q: WeightQuant, in_features: int) -> WeightQuant:
+    g = effective_group(in_features, q.group_size)
+    return q if g == q.group_size else WeightQuant(q.bits, g, q.method, q.symmetric, q.act_order, q.damp)
+
+
+def group_scales(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Symmetric per-group scales as GPTQ computes them: 2·max|w| / (2^bits − 1)."""
+    N, K = weight.shape
+    groups = weight.reshape(N, K // group_size, group_size)
+    absmax = groups.abs().amax(dim=2)
+    absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+    return 2 * absmax / (2**bits - 1)
+
+
+def _quantize_column(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    maxq = 2**bits - 1
+    zero = 2 ** (bits - 1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def rtn(weight: torch.Tensor, q: WeightQuant) -> QuantizedLinear:
+    weight = weight.float()
+    scales = group_scales(weight, q.bits, q.group_size)
+    expanded = scales.repeat_interleave(q.group_size, dim=1)
+    codes = _quantize_column(weight, expanded, q.bits)
+    return QuantizedLinear(codes.to(torch.uint8), scales, q.bits, q.group_size)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, q: WeightQuant, block: int = 128) -> QuantizedLinear:
+    """GPTQ on one Linear. `hessian` = 2/n Σ xxᵀ over calibration inputs [K, K]."""
+    W = weight.float().clone()
+    H = hessian.double().clone()
+    N, K = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scales = group_scales(W, q.bits, q.group_size)
+    perm = torch.argsort(torch.diag(H), descending=True) if q.act_order else torch.arange(K)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    damp = q.damp * torch.mean(torch.diag(H))
+    H[range(K), range(K)] += damp
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    codes = torch.zeros(N, K)
+    zero = 2 ** (q.bits - 1)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            scale = scales[:, col // q.group_size]
+            w = W1[:, i]
+            c = _quantize_column(w, scale, q.bits)
+            codes[:, i1 + i] = c
+            deq = (c - zero) * scale
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inverse = torch.argsort(perm)
+    return QuantizedLinear(codes[:, inverse].to(torch.uint8), scales, q.bits, q.group_size)
+
+
+def _set_weight(module: nn.Linear, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    q: WeightQuant,
+    skip: tuple[str, ...],
+    calibration: list[dict[str, torch.Tensor]] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> QuantResult:
+    """Quantize `model` in place (weights replaced by their dequantized values) and return the codes.
+
+    `calibration` holds forward kwargs (`inputs_embeds`, `attention_mask`); GPTQ needs it, RTN
+    ignores it. Per-layer errors: relative weight error, and for GPTQ the relative output error
+    on the calibration inputs, ‖X(W−Ŵ)ᵀ‖/‖XWᵀ‖ computed through the Hessian.
+    """
+    t0 = time.perf_counter()
+    result = QuantResult()
+    linears = target_linears(model, skip)
+    if q.method == "rtn":
+        for i, (name, module) in enumerate(linears.items()):
+            ql = rtn(module.weight, _for_layer(q, module.in_features))
+            deq = ql.dequantize()
+            result.errors[name] = {"weight_rel_err": float((deq - module.weight).norm() / module.weight.norm())}
+            _set_weight(module, deq)
+            result.layers[name] = ql
+            if progress:
+                progress(name, i + 1, len(linears))
+    else:
+        if not calibration:
+            raise ValueError("GPTQ needs calibration data")
+        layers = _decoder_layers(model)
+        done = 0
+        for layer in layers:
+            names = [n for n, m in linears.items() if any(m is mm for mm in layer.modules())]
+            accumulators = {n: HessianAccumulator(linears[n].in_features) for n in names}
+            handles = [linears[n].register_forward_hook(accumulators[n].hook) for n in names]
+            for kwargs in calibration:
+                _forward_until(model, kwargs)
+            for h in handles:
+                h.remove()
+            hessians = {n: a.hessian for n, a in accumulators.items()}
+            for n in names:
+                module = linears[n]
+                ql = gptq(module.weight, hessians[n], _for_layer(q, module.in_features))
+                deq = ql.dequantize()
+                diff = (module.weight.double() - deq.double())
+                Hd = hessians[n]
+                out_err = torch.sqrt(torch.einsum("nk,kl,nl->", diff, Hd, diff).clamp(min=0))
+                out_ref = torch.sqrt(torch.einsum("nk,kl,nl->", module.weight.double(), Hd, module.weight.double()))
+                result.errors[n] = {"weight_rel_err": float(diff.norm() / module.weight.double().norm()),
+                                    "output_rel_err": float(out_err / out_ref)}
+                _set_weight(module, deq)
+                result.layers[n] = ql
+                done += 1
+                if progress:
+                    progress(n, done, len(linears))
+        rest = [n for n in linears if n not in result.layers]
+        for n in rest:  # Linear layers outside the decoder stack (none for Llama): RTN
+            ql = rtn(linears[n].weight, _for_layer(q, linears[n].in_features))
+            _set_weight(linears[n], ql.dequantize())
+            result.layers[n] = ql
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ xxᵀ over every row of a Linear's inputs (float64)."""
+
+    def __init__(self, in_features: int):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.count = 0
+
+    def hook(self, _module, inputs, _output) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        total = self.count + x.shape[0]
+        self.hessian *= self.count / total
+        x = math.sqrt(2 / total) * x
+        self.hessian += x.T @ x
+        self.count = total
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    inner = model.model if hasattr(model, "model") else model
+    return list(inner.layers)
+
+
+def _forward_until(model: nn.Module, kwargs: dict[str, torch.Tensor]) -> None:
+    model(**kwargs, use_cache=False)
+
+
+@torch.no_grad()
+def output_error(model_q: nn.Module, model_ref: nn.Module, layer_name: str,
+                 calibration: list[dict[str, torch.Tensor]]) -> float:
+    """Relative output error of one Linear between two models on the calibration inputs."""
+    captured: dict[str, list[torch.Tensor]] = {"x": []}
+    ref_linear = dict(model_ref.named_modules())[layer_name]
+    q_linear = dict(model_q.named_modules())[layer_name]
+    handle = ref_linear.register_forward_hook(lambda m, i, o: captured["x"].append(i[0].detach()))
+    for kwargs in calibration:
+        model_ref(**kwargs, use_cache=False)
+    handle.remove()
+    num = den = 0.0
+    for x in captured["x"]:
+        ref = ref_linear(x)
+        out = x @ q_linear.weight.T
+        num += float((ref - out).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return math.sqrt(num / den)
