@@ -1,0 +1,160 @@
+"""`build`: recipes, LoRA merge, GPTQ vs RTN, MatMulNBits packing, bundle validity and failure modes."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from salmonn_export.errors import SalmonnError
+from salmonn_export.export.build import BuildOptions, build_bundle
+from salmonn_export.export.manifest import FORMAT_VERSION, read_manifest
+from salmonn_export.export.matmul_nbits import pack_codes, unpack_codes
+from salmonn_export.export.onnx_export import session
+from salmonn_export.recipes import load_recipe, parse_recipe
+from salmonn_export.transforms.calibration import build_calibration, calibration_items
+from salmonn_export.transforms.lora import merge_error, merged_llm
+from salmonn_export.transforms.quantize import output_error, quantize_model
+
+
+@pytest.fixture(scope="module")
+def calib_dir(audio_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calib")
+    for f in audio_dir.glob("*.wav"):
+        if f.name != "broken.wav":
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_model, calib_dir):
+    return build_calibration(tiny_model, calibration_items(calib_dir), load_recipe("w4a16").calibration)
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_dir, calib_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for name in ("fp32", "w4a16"):
+        out[name] = build_bundle(tiny_dir / "config.yaml", load_recipe(name),
+                                 BuildOptions(out=root / name, calib=calib_dir))
+    return out
+
+
+def test_lora_merge_equals_adapter_model(tiny_model):
+    merged = merged_llm(tiny_model)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        scale = float(tiny_model.causal_lm(inputs_embeds=torch.randn(1, 4, 64)).logits.abs().max())
+    assert merge_error(tiny_model, merged) <= 1e-5 * max(scale, 1.0)
+
+
+def test_gptq_beats_rtn_on_the_same_weights_and_data(tiny_model, calib):
+    merged = merged_llm(tiny_model)
+    errors = {}
+    for name in ("w4a16", "w4a16-rtn"):
+        recipe = load_recipe(name)
+        model = copy.deepcopy(merged)
+        result = quantize_model(model, recipe.llm.weights, recipe.llm.skip_modules, calib)
+        errors[name] = np.mean([output_error(model, merged, layer, calib) for layer in result.layers])
+    assert errors["w4a16"] < 0.85 * errors["w4a16-rtn"], errors
+
+
+def test_pack_unpack_round_trip():
+    rng = np.random.default_rng(0)
+    for bits in (4, 8):
+        codes = rng.integers(0, 2**bits, size=(48, 256), dtype=np.uint8)
+        packed = pack_codes(codes, bits, 64)
+        assert packed.shape == (48, 4, 64 * bits // 8)
+        np.testing.assert_array_equal(unpack_codes(packed, bits, 256), codes)
+
+
+def test_every_component_matches_pytorch(bundles):
+    for recipe, report in bundles.items():
+        manifest = read_manifest(report["bundle"])
+        assert set(manifest["components"]) == {"whisper_encoder", "beats", "qformer", "decoder"}
+        for name, comp in manifest["components"].items():
+            v = comp["validation"]
+            assert v["passed"] and v["max_rel"] < 1e-4 and v["cosine"] > 0.99999, (recipe, name, v)
+
+
+def test_int4_decoder_runs_in_ort_with_matmul_nbits_from_the_gptq_codes(bundles, tiny_model, calib):
+    bundle = bundles["w4a16"]["bundle"]
+    manifest = read_manifest(bundle)
+    assert manifest["components"]["decoder"]["matmul_nbits"] == 14
+    assert manifest["quantization"]["method"] == "gptq"
+    import onnx
+
+    graph = onnx.load(f"{bundle}/decoder.onnx", load_external_data=False).graph
+    names = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
+    assert "/llm/model/layers.0/self_attn/q_proj/MatMulNBits" in names
+    # logits of the int4 graph vs the merged fp32 LLM on a real audio-conditioned prompt
+    sess = session(f"{bundle}/decoder.onnx")
+    seq = calib[0]
+    S = seq["inputs_embeds"].shape[1]
+    llm = manifest["llm"]
+    feeds = {"inputs_embeds": seq["inputs_embeds"].numpy(), "attention_mask": seq["attention_mask"].numpy(),
+             "position_ids": np.arange(S)[None]}
+    for i in range(llm["layers"]):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}_{i}"] = np.zeros((1, llm["kv_heads"], 0, llm["head_dim"]), np.float32)
+    logits = sess.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        ref = merged_llm(tiny_model)(**seq).logits.numpy()
+    cos = float((logits * ref).sum() / np.linalg.norm(logits) / np.linalg.norm(ref))
+    # random tiny weights: int4 moves logits a lot; the trained demo model is where quality is judged
+    assert cos > 0.5, cos
+    assert manifest["quantization"]["llm_eval_on_calibration"]["positions"] > 0
+
+
+def test_bundle_is_deterministic(bundles, tiny_dir, calib_dir, tmp_path):
+    again = build_bundle(tiny_dir / "config.yaml", load_recipe("w4a16"), BuildOptions(out=tmp_path / "again", calib=calib_dir))
+    first = json.loads(open(f"{bundles['w4a16']['bundle']}/manifest.json").read())
+    second = json.loads(open(f"{again['bundle']}/manifest.json").read())
+    assert first["files"] == second["files"]
+
+
+def test_manifest_detects_missing_altered_and_newer_bundles(bundles, tmp_path):
+    src = bundles["fp32"]["bundle"]
+    for case in ("missing", "altered", "newer"):
+        dst = tmp_path / case
+        shutil.copytree(src, dst)
+        if case == "missing":
+            (dst / "embed_tokens.npy").unlink()
+            match = "embed_tokens.npy` is missing"
+        elif case == "altered":
+            data = bytearray((dst / "qformer.onnx.data").read_bytes())
+            data[100] ^= 0xFF
+            (dst / "qformer.onnx.data").write_bytes(bytes(data))
+            match = "qformer.onnx.data` was altered"
+        else:
+            m = json.loads((dst / "manifest.json").read_text())
+            m["format_version"] = FORMAT_VERSION + 1
+            (dst / "manifest.json").write_text(json.dumps(m))
+            match = "upgrade salmonn-export"
+        with pytest.raises(SalmonnError, match=match):
+            read_manifest(dst)
+
+
+def test_bad_recipes_and_outputs(tiny_dir, tmp_path, bundles):
+    with pytest.raises(SalmonnError, match="unknown recipe `w3a7`"):
+        load_recipe("w3a7")
+    with pytest.raises(SalmonnError, match=r"components\.llm\.weights\.bitz"):
+        parse_recipe({"name": "x", "components": {"llm": {"weights": {"bitz": 4}}}})
+    with pytest.raises(SalmonnError, match="group_size` must be a power of two"):
+        parse_recipe({"name": "x", "components": {"llm": {"weights": {"group_size": 100}}}})
+    with pytest.raises(SalmonnError, match="use --force"):
+        build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=Path(bundles["fp32"]["bundle"])))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SalmonnError, match="cannot write the bundle here"):
+        build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=blocker / "sub" / "b"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "beats.pt").unlink()
+    with pytest.raises(SalmonnError, match="beats.pt: BEATs checkpoint not found"):
+        build_bundle(broken / "config.yaml", load_recipe("fp32"), BuildOptions(out=tmp_path / "never"))
+    assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))
