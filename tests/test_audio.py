@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from salmonn_export.errors import SalmonnError
-from salmonn_export.model.audio import MAX_SAMPLES, load_audio, resample
+from salmonn_export.audio import MAX_SAMPLES, load_audio, resample
 
 
 def test_resample_equals_librosa_default():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from salmonn_export.model.audio import load_audio
+from salmonn_export.audio import load_audio
 from salmonn_export.model.salmonn import load_salmonn
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from salmonn_export.model.audio import load_audio
+from salmonn_export.audio import load_audio
 
 
 def test_deterministic_and_audio_dependent(tiny_model, audio_dir):

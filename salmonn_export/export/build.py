@@ -230,6 +230,11 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
         np.save(bundle / "embed_tokens.npy", llm.get_input_embeddings().weight.detach().float().numpy())
         fe = salmonn.feature_extractor
         np.save(bundle / "mel_filters.npy", np.asarray(fe.mel_filters, dtype=np.float64))
+        if salmonn.beats is not None:
+            from salmonn_export.model.beats import kaldi_mel_banks, povey_window
+
+            np.save(bundle / "beats_mel_banks.npy", kaldi_mel_banks().numpy())
+            np.save(bundle / "beats_window.npy", povey_window().numpy())
     trt_info = {"status": "not requested"}
     if options.trt:
         with log.stage("TensorRT engines"):
@@ -260,7 +265,8 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
                               "n_samples": fe.n_samples, "mel_filters": "mel_filters.npy"},
                   "beats": None if salmonn.beats is None else {
                       "num_mel_bins": 128, "frame_length_ms": 25, "frame_shift_ms": 10, "scale": 2**15,
-                      "fbank_mean": 15.41663, "fbank_std": 6.55582, "patch": salmonn.beats.cfg.input_patch_size}},
+                      "fbank_mean": 15.41663, "fbank_std": 6.55582, "patch": salmonn.beats.cfg.input_patch_size,
+                      "mel_banks": "beats_mel_banks.npy", "window": "beats_window.npy"}},
         "qformer": {"window": salmonn.window, "stride": salmonn.stride, "speech_tokens": 88},
         "embed_tokens": "embed_tokens.npy",
         "quantization": None if quant is None else {

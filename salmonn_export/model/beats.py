@@ -85,6 +85,10 @@ def kaldi_mel_banks(num_bins: int = 128, padded_window: int = 512, sample_freq: 
     return F.pad(banks, (0, 1))
 
 
+def povey_window(dtype=torch.float64, device=None) -> torch.Tensor:
+    return torch.hann_window(400, periodic=False, dtype=dtype, device=device).pow(0.85)
+
+
 def kaldi_fbank(wave: torch.Tensor, num_mel_bins: int = 128) -> torch.Tensor:
     """`torchaudio.compliance.kaldi.fbank(wave[None], num_mel_bins, 16 kHz, 25 ms, 10 ms)` for a 1-D wave.
 
@@ -100,7 +104,7 @@ def kaldi_fbank(wave: torch.Tensor, num_mel_bins: int = 128) -> torch.Tensor:
     strided = strided - strided.mean(dim=1, keepdim=True)
     shifted = F.pad(strided.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)
     strided = strided - 0.97 * shifted[:, :-1]
-    window = torch.hann_window(window_size, periodic=False, dtype=dtype, device=wave.device).pow(0.85).unsqueeze(0)
+    window = povey_window(dtype, wave.device).unsqueeze(0)
     strided = F.pad(strided * window, (0, padded - window_size))
     spectrum = torch.fft.rfft(strided).abs().pow(2.0)
     banks = kaldi_mel_banks(num_mel_bins, padded).to(device=wave.device, dtype=dtype)

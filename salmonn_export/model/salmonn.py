@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from salmonn_export.audio import load_audio
 from salmonn_export.errors import SalmonnError
-from salmonn_export.model.audio import load_audio
 from salmonn_export.model.beats import load_beats
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.llm import BNB_SUFFIXES, apply_lora, load_base_llm, load_tokenizer, resize_with_mean_rows

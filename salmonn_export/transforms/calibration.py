@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from salmonn_export.audio import load_audio
 from salmonn_export.errors import SalmonnError
-from salmonn_export.model.audio import load_audio
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Calibration
 

@@ -1,4 +1,5 @@
-"""Audio loading exactly as the challenge's evaluator does it (spec section 4).
+"""Audio loading exactly as the challenge's evaluator does it (spec section 4). Shared by the PyTorch
+reference and the torch-free runtime.
 
 soundfile (float64) → first channel (no averaging) → zero-pad to 1 s at the *native* rate →
 resample to 16 kHz with soxr "HQ" (what `librosa.resample` defaults to, including its
