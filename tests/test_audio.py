@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from salmonn_export.errors import SalmonnError
 from salmonn_export.audio import MAX_SAMPLES, load_audio, resample
+from salmonn_export.errors import SalmonnError
 
 
 def test_resample_equals_librosa_default():

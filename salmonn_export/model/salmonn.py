@@ -233,7 +233,7 @@ class SALMONN(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, embeds: torch.Tensor, atts: torch.Tensor, **overrides) -> torch.Tensor:
-        with self._autocast():
+        with self._autocast(), _positions_from_attention_mask(self.causal_lm):
             return self.causal_lm.generate(inputs_embeds=embeds, attention_mask=atts, **self.generation_kwargs(**overrides))
 
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -258,6 +258,32 @@ class SALMONN(nn.Module):
             out, _ = self.generate_batch(self.make_batch(waves, tasks[start:start + batch_size]), **overrides)
             texts.extend(out)
         return texts
+
+
+@contextlib.contextmanager
+def _positions_from_attention_mask(lm: nn.Module):
+    """Position ids as transformers 4.46 (the challenge's version) made them during `generate`:
+    cumsum(attention_mask) − 1, with 1 at masked slots. transformers 5 counts positions with
+    arange instead, which differs for right-padded prompts (mixed-task batches, spec 8.4)."""
+    original = lm.prepare_inputs_for_generation
+
+    def prepare(input_ids, next_sequence_length=None, cache=None, attention_mask=None, inputs_embeds=None,
+                is_first_iteration=False, **kwargs):
+        inputs = original(input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+                          inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        if attention_mask is not None:
+            positions = attention_mask.long().cumsum(-1) - 1
+            positions.masked_fill_(attention_mask == 0, 1)
+            tensor = inputs.get("inputs_embeds")
+            length = tensor.shape[1] if tensor is not None else inputs["input_ids"].shape[1]
+            inputs["position_ids"] = positions[:, -length:]
+        return inputs
+
+    lm.prepare_inputs_for_generation = prepare
+    try:
+        yield
+    finally:
+        del lm.prepare_inputs_for_generation
 
 
 def _few(keys: list[str], n: int = 4) -> str:

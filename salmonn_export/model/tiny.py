@@ -71,6 +71,7 @@ class Preset:
     beats: dict
     llama: dict
     bpe_vocab: int
+    llm_init_range: float = 0.3
 
 
 PRESETS = {
@@ -93,6 +94,7 @@ PRESETS = {
         llama=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
                    num_key_value_heads=4, head_dim=64),
         bpe_vocab=1024,
+        llm_init_range=0.02,  # Llama's own; 0.3 at this depth makes activations chaotic (fp32 noise explodes)
     ),
 }
 
@@ -142,7 +144,8 @@ def _write_llama(folder: Path, preset: Preset) -> LlamaForCausalLM:
     ids = {s: bpe + i for i, s in enumerate(LLAMA3_SPECIALS)}
     config = LlamaConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=2048, rms_norm_eps=1e-5,
                          rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=ids["<|begin_of_text|>"],
-                         eos_token_id=ids["<|end_of_text|>"], initializer_range=0.3, **preset.llama)
+                         eos_token_id=ids["<|end_of_text|>"], initializer_range=preset.llm_init_range,
+                         **preset.llama)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|begin_of_text|>"],

@@ -1,0 +1,232 @@
+"""Run an engine bundle end to end with onnxruntime + numpy + the tokenizer (no torch).
+
+audio → Whisper log-mel / BEATs fbank (numpy) → encoder graphs → Q-Former graph → prompt wrap
+with the bundle's embedding table → KV-cache decoder → greedy or beam search → text, with the
+reference's post-processing (specials kept, split on end_sym, lowercased, no strip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from salmonn_export.audio import load_audio
+from salmonn_export.errors import SalmonnError
+from salmonn_export.export.manifest import read_manifest
+from salmonn_export.runtime.features import beats_inputs, whisper_log_mel
+from salmonn_export.runtime.generation import GenerationSettings, generate
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def choose_providers(device: str, bundle: Path | None = None) -> list:
+    """Execution providers for `device` (cpu | cuda | tensorrt | auto). A requested one that is
+    missing is an error, never a silent fallback; `auto` picks TensorRT → CUDA → CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "auto":
+        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        return chosen + ["CPUExecutionProvider"]
+    if device not in PROVIDERS:
+        raise SalmonnError(f"unknown --device `{device}`; choose cpu, cuda, tensorrt or auto")
+    wanted = PROVIDERS[device]
+    if wanted not in available:
+        raise SalmonnError(f"--device {device}: onnxruntime here has no {wanted} (available: {', '.join(available)}); "
+                           "install onnxruntime-gpu on a machine with CUDA")
+    if device == "tensorrt":
+        cache = str((bundle or Path(".")) / "trt_cache")
+        return [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": True}),
+                "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [wanted, "CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [wanted]
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (applied when the tokenizer config asks for it)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+class BundleTokenizer:
+    """The bundle's tokenizer via the `tokenizers` library (no transformers)."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+        self.clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+        info = manifest["tokenizer"]
+        self.bos_token_id = info["bos_token_id"]
+        self.pad_token_id = info["pad_token_id"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tok.decode(list(map(int, ids)), skip_special_tokens=False)
+        return clean_up_tokenization(text) if self.clean_up else text
+
+
+@dataclass
+class EngineOutput:
+    texts: list[str]
+    token_ids: list[list[int]]
+    speech_embeds: np.ndarray
+
+
+class Engine:
+    """A loaded bundle. `Engine(path).transcribe(files, "asr")` → texts."""
+
+    def __init__(self, bundle: str | Path, device: str = "cpu", threads: int | None = None, verify_hashes: bool = True):
+        import onnxruntime as ort
+
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle, verify_hashes=verify_hashes)
+        self.providers = choose_providers(device, self.bundle)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        threads = threads if threads is not None else int(os.environ.get("SALMONN_EXPORT_THREADS", "0"))
+        opts.intra_op_num_threads = threads
+        comps = self.manifest["components"]
+        self.sessions = {name: ort.InferenceSession(str(self.bundle / c["file"]), opts, providers=self.providers)
+                         for name, c in comps.items()}
+        audio = self.manifest["audio"]
+        self.mel_filters = np.load(self.bundle / audio["whisper"]["mel_filters"])
+        self.beats_cfg = audio.get("beats")
+        if self.beats_cfg:
+            self.beats_banks = np.load(self.bundle / self.beats_cfg["mel_banks"])
+            self.beats_window = np.load(self.bundle / self.beats_cfg["window"])
+        self.embed_table = np.load(self.bundle / self.manifest["embed_tokens"], mmap_mode="r")
+        self.tokenizer = BundleTokenizer(self.bundle / self.manifest["tokenizer"]["folder"], self.manifest)
+        llm = self.manifest["llm"]
+        self.layers, self.kv_heads, self.head_dim = llm["layers"], llm["kv_heads"], llm["head_dim"]
+        self.decoder_outputs = [o["name"] for o in comps["decoder"]["outputs"]]
+
+    # ------------------------------------------------------------------ stages
+
+    def whisper_features(self, waves: list[np.ndarray]) -> np.ndarray:
+        w = self.manifest["audio"]["whisper"]
+        return np.stack([whisper_log_mel(x, self.mel_filters, w["n_fft"], w["hop_length"], w["n_samples"]) for x in waves])
+
+    def encode_whisper(self, features: np.ndarray) -> np.ndarray:
+        return self.sessions["whisper_encoder"].run(None, {"input_features": features})[0]
+
+    def encode_beats(self, waves: list[np.ndarray]) -> np.ndarray:
+        c = self.beats_cfg
+        fbank, mask = beats_inputs(waves, self.beats_banks, self.beats_window, c["patch"], c["fbank_mean"],
+                                   c["fbank_std"], c["scale"])
+        return self.sessions["beats"].run(None, {"fbank": fbank, "padding_mask": mask})[0]
+
+    def qformer(self, whisper_hidden: np.ndarray, beats_features: np.ndarray | None) -> np.ndarray:
+        feeds = {"whisper_hidden": whisper_hidden}
+        if beats_features is not None:
+            feeds["beats_features"] = beats_features
+        return self.sessions["qformer"].run(None, feeds)[0]
+
+    def encode_speech(self, waves: list[np.ndarray]) -> np.ndarray:
+        hidden = self.encode_whisper(self.whisper_features(waves))
+        beats = self.encode_beats(waves) if self.beats_cfg else None
+        return self.qformer(hidden, beats)
+
+    def embed(self, ids) -> np.ndarray:
+        return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def prompt(self, task: str) -> str:
+        p = self.manifest["prompts"]
+        key = {"aac": "audiocaption_v2"}.get(task, task)
+        if key not in p["test_prompts"]:
+            raise SalmonnError(f"unknown task `{task}`; known: asr, aac, " + ", ".join(sorted(p["test_prompts"])))
+        return p["template"].format(p["test_prompts"][key]) if p["template"] else p["test_prompts"][key]
+
+    def prompt_wrap(self, speech: np.ndarray, tasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """BOS + emb(p_before) + speech + emb(p_after right-padded with [PAD]); mask."""
+        placeholder = self.manifest["prompts"]["placeholder"]
+        befores, afters = zip(*(self.prompt(t).split(placeholder) for t in tasks))
+        before_ids = [self.tokenizer.encode(b) for b in befores]
+        after_ids = [self.tokenizer.encode(a) for a in afters]
+        if len({len(b) for b in before_ids}) != 1:
+            raise SalmonnError("prompts differ before the speech placeholder; the challenge batches them unpadded")
+        longest = max(len(a) for a in after_ids)
+        B = speech.shape[0]
+        rows, masks = [], []
+        for i in range(B):
+            pad = longest - len(after_ids[i])
+            ids_after = after_ids[i] + [self.tokenizer.pad_token_id] * pad
+            rows.append(np.concatenate([self.embed([self.tokenizer.bos_token_id]), self.embed(before_ids[i]),
+                                        speech[i].astype(np.float32), self.embed(ids_after)], axis=0))
+            masks.append([1] * (1 + len(before_ids[i]) + speech.shape[1] + len(after_ids[i])) + [0] * pad)
+        return np.stack(rows), np.asarray(masks, dtype=np.int64)
+
+    # ------------------------------------------------------------------ decoder
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.layers)]
+
+    def decoder_step(self, embeds, mask, positions, past):
+        """One decoder call. Outputs stay ORT-allocated (IOBinding) and feed the next step directly."""
+        import onnxruntime as ort
+
+        sess = self.sessions["decoder"]
+        past = past if past is not None else self.empty_past(embeds.shape[0])
+        binding = sess.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        for i, value in enumerate(past):
+            name = f"past_{'key' if i % 2 == 0 else 'value'}_{i // 2}"
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in self.decoder_outputs:
+            binding.bind_output(name, "cpu")
+        sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), outs[1:]
+
+    @staticmethod
+    def reorder(past, indices: np.ndarray):
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(p.numpy()[indices])) for p in past]
+
+    def generation_settings(self, **overrides) -> GenerationSettings:
+        g = self.manifest["generation"]
+        values = dict(max_new_tokens=g["max_new_tokens"], num_beams=g["num_beams"], eos_token_ids=g["eos_token_id"],
+                      pad_token_id=g["pad_token_id"], min_length=g["min_length"],
+                      repetition_penalty=g["repetition_penalty"], length_penalty=g["length_penalty"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return GenerationSettings(**values)
+
+    def generate_ids(self, embeds: np.ndarray, mask: np.ndarray, **overrides) -> np.ndarray:
+        settings = self.generation_settings(**overrides)
+        return generate(embeds, mask, settings, self.decoder_step, self.reorder, lambda ids: self.embed(ids)[:, None, :])
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        end_sym = self.manifest["generation"]["end_sym"]
+        return [self.tokenizer.decode(row).split(end_sym)[0].lower() for row in ids]
+
+    # ------------------------------------------------------------------ end to end
+
+    def run_waves(self, waves: list[np.ndarray], tasks: list[str], **overrides) -> EngineOutput:
+        speech = self.encode_speech(waves)
+        embeds, mask = self.prompt_wrap(speech, tasks)
+        ids = self.generate_ids(embeds, mask, **overrides)
+        return EngineOutput(self.decode(ids), [list(map(int, r)) for r in ids], speech)
+
+    def transcribe(self, audio_paths: list[str | Path], task: str | list[str], batch_size: int = 1,
+                   **overrides) -> list[str]:
+        tasks = [task] * len(audio_paths) if isinstance(task, str) else list(task)
+        texts: list[str] = []
+        for start in range(0, len(audio_paths), batch_size):
+            waves = [load_audio(p) for p in audio_paths[start:start + batch_size]]
+            texts += self.run_waves(waves, tasks[start:start + batch_size], **overrides).texts
+        return texts
