@@ -278,6 +278,120 @@ def build(
         err.print(f"TensorRT skipped: {report['tensorrt'].get('reason')}")
 
 
+EngineOpt = Annotated[Path | None, typer.Option("--engine", "-e", help="Engine bundle folder (default: the demo "
+                                                                         "model's w4a16 bundle, built on first use).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, tensorrt or auto (TensorRT → CUDA → CPU). A missing "
+                                             "provider is an error, never a silent fallback.")]
+
+
+def _engine_path(engine: Path | None) -> Path:
+    if engine is not None:
+        return engine
+    from salmonn_export.model.demo import ensure_demo_bundle
+
+    with err.status("preparing the demo engine bundle (first use only)..."):
+        return ensure_demo_bundle()
+
+
+@app.command()
+@handle_errors
+def run(
+    audio: Annotated[list[Path] | None, typer.Argument(help="Audio files. Default: the demo clips for the task.")] = None,
+    task: Annotated[str, typer.Option("--task", "-t", help="asr, aac, or another task key of the bundle's prompts.")] = "asr",
+    engine: EngineOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 1,
+    num_beams: Annotated[int | None, typer.Option(help="Override the bundle's num_beams (1 = greedy).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Override max_new_tokens.")] = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+):
+    """Run an engine bundle on audio files (onnxruntime + numpy, no PyTorch): one line per file.
+
+    Example: salmonn-export run --engine engines/demo-w4a16 --task asr speech.wav
+    """
+    from salmonn_export.runtime.engine import Engine
+
+    if batch_size < 1:
+        raise SalmonnError("--batch-size must be >= 1")
+    bundle = _engine_path(engine)
+    if not audio:
+        if engine is not None:
+            raise SalmonnError("give audio files (demo clips exist only for the demo engine)")
+        from salmonn_export.model.demo import demo_clips
+
+        audio = demo_clips(task)
+    t0 = time.perf_counter()
+    eng = Engine(bundle, device=device)
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    texts = eng.transcribe(audio, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    run_s = time.perf_counter() - t1
+    if as_json:
+        print(json.dumps({"task": task, "engine": str(bundle), "providers": [str(p) for p in eng.providers],
+                          "load_seconds": round(load_s, 3), "run_seconds": round(run_s, 3),
+                          "results": [{"audio": str(a), "text": t} for a, t in zip(audio, texts)]}, indent=1, ensure_ascii=False))
+    else:
+        for a, t in zip(audio, texts):
+            sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+
+
+@app.command()
+@handle_errors
+def verify(
+    engine: Annotated[Path | None, typer.Argument(help="Engine bundle (default: the demo w4a16 bundle).")] = None,
+    model: ModelOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Audio folder (both tasks per file) or annotation .json "
+                                                   "(default: the demo clips).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here (and a .md beside it).")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Override num_beams for the end-to-end texts.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Prove parity: reference vs engine, stage by stage and end to end, against the recipe's thresholds.
+    Exit code 1 when a threshold is missed.
+
+    Example: salmonn-export verify engines/demo-w4a16 --report verify.json
+    """
+    from rich.progress import Progress
+
+    from salmonn_export.harness.parity import Item, judge, markdown_report, verify_items
+    from salmonn_export.harness.parity import verify as run_verify
+    from salmonn_export.model.salmonn import load_salmonn
+    from salmonn_export.runtime.engine import Engine
+
+    bundle = _engine_path(engine)
+    eng = Engine(bundle)
+    config = model or Path(eng.manifest["source"]["config"])
+    if not config.is_file():
+        raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
+    reference = load_salmonn(config)
+
+    def demo_items():
+        from salmonn_export.model.demo import demo_clips
+
+        return [Item(p, "asr") for p in demo_clips("asr")] + [Item(p, "aac") for p in demo_clips("aac")]
+
+    items = verify_items(data, demo_items)
+    with Progress(console=err, transient=True) as progress:
+        task_id = progress.add_task("verifying", total=len(items))
+        result = run_verify(reference, eng, items, lambda done, total: progress.update(task_id, completed=done),
+                            num_beams=num_beams)
+    verdict = judge(result, eng.manifest)
+    recipe = eng.manifest["recipe"]["name"]
+    full = {"bundle": str(bundle), "recipe": recipe, **result, "verdict": verdict}
+    if report is not None:
+        from salmonn_export.export.manifest import write_json
+
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_json(report, full)
+        report.with_suffix(".md").write_text(markdown_report(result, verdict, str(bundle), recipe))
+    if as_json:
+        print(json.dumps(full, indent=1, ensure_ascii=False))
+    else:
+        out.print(markdown_report(result, verdict, str(bundle), recipe), highlight=False)
+    if not verdict["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 @handle_errors
 def generate(

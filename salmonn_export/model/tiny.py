@@ -72,6 +72,8 @@ class Preset:
     llama: dict
     bpe_vocab: int
     llm_init_range: float = 0.3
+    lora_std: tuple[float, float] = (0.2, 0.5)  # A, B: "decisive", so the adapters visibly matter
+    proj_std: float = 0.3
 
 
 PRESETS = {
@@ -94,7 +96,9 @@ PRESETS = {
         llama=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
                    num_key_value_heads=4, head_dim=64),
         bpe_vocab=1024,
-        llm_init_range=0.02,  # Llama's own; 0.3 at this depth makes activations chaotic (fp32 noise explodes)
+        # Llama's own scales: at 12 layers the tiny preset's large values make activations chaotic,
+        # so that fp32 rounding differences between runtimes explode
+        llm_init_range=0.02, lora_std=(0.02, 0.02), proj_std=0.05,
     ),
 }
 
@@ -158,7 +162,7 @@ def _write_llama(folder: Path, preset: Preset) -> LlamaForCausalLM:
     return model
 
 
-def _trainable_state(llm: LlamaForCausalLM, whisper_width: int, beats_width: int) -> dict[str, torch.Tensor]:
+def _trainable_state(llm: LlamaForCausalLM, whisper_width: int, beats_width: int, preset: Preset) -> dict[str, torch.Tensor]:
     """The `model` dict of a challenge `.pth`: trainable tensors + the Q-Former position_ids buffer."""
     state: dict[str, torch.Tensor] = {}
     ln_speech = torch.nn.LayerNorm(whisper_width)
@@ -184,15 +188,15 @@ def _trainable_state(llm: LlamaForCausalLM, whisper_width: int, beats_width: int
     hidden = llm.config.hidden_size
     proj = torch.nn.Linear(BERT_HIDDEN, hidden)
     with torch.no_grad():
-        proj.weight.normal_(0.0, 0.3)
-        proj.bias.normal_(0.0, 0.3)
+        proj.weight.normal_(0.0, preset.proj_std)
+        proj.bias.normal_(0.0, preset.proj_std)
     state["speech_llama_proj.weight"] = proj.weight.detach().clone()
     state["speech_llama_proj.bias"] = proj.bias.detach().clone()
     peft_model = apply_lora(llm, rank=8, alpha=32, dropout=0.05)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if ".lora_" in name:
-                p.normal_(0.0, 0.5 if ".lora_B." in name else 0.2)
+                p.normal_(0.0, preset.lora_std[1] if ".lora_B." in name else preset.lora_std[0])
                 state[f"llama_model.{name}"] = p.detach().clone()
     return {k: v.contiguous() for k, v in state.items()}
 
@@ -237,7 +241,7 @@ def write_tiny_salmonn(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
         llm = _write_llama(tmp / "llm", p)
         torch.manual_seed(seed + 3)
         beats_width = p.beats["encoder_embed_dim"]
-        state = _trainable_state(llm, p.whisper["d_model"], beats_width)
+        state = _trainable_state(llm, p.whisper["d_model"], beats_width, p)
         torch.save({"model": state, "optimizer": None, "config": challenge_config(), "scaler": None, "epoch": 0},
                    str(tmp / "checkpoint_best.pth"))
         (tmp / "prompts").mkdir()

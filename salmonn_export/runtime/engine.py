@@ -60,7 +60,8 @@ class BundleTokenizer:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         self.clean_up = bool(config.get("clean_up_tokenization_spaces", False))
         info = manifest["tokenizer"]
         self.bos_token_id = info["bos_token_id"]
@@ -89,6 +90,12 @@ class Engine:
 
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle, verify_hashes=verify_hashes)
+        try:
+            self._load(ort, device, threads)
+        except KeyError as exc:
+            raise SalmonnError(f"manifest.json lacks {exc}: the bundle is incomplete; rebuild it", self.bundle) from None
+
+    def _load(self, ort, device: str, threads: int | None) -> None:
         self.providers = choose_providers(device, self.bundle)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3

@@ -40,7 +40,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return (x - m) - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def _positions(mask: np.ndarray) -> np.ndarray:
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Position ids as generate made them in transformers 4.46: cumsum(mask) − 1, 1 at masked slots."""
     pos = mask.astype(np.int64).cumsum(-1) - 1
     return np.where(mask == 0, 1, pos)
 
@@ -69,7 +70,7 @@ def _greedy(embeds, mask, s: GenerationSettings, step, embed, min_length) -> np.
     B = embeds.shape[0]
     generated = np.zeros((B, 0), dtype=np.int64)
     unfinished = np.ones(B, dtype=bool)
-    logits, past = step(embeds, mask, _positions(mask), None)
+    logits, past = step(embeds, mask, positions_from_mask(mask), None)
     eos = np.array(s.eos_token_ids)
     while True:
         scores = _process(logits[:, -1, :].astype(np.float32).copy(), generated, s, min_length)
@@ -80,7 +81,7 @@ def _greedy(embeds, mask, s: GenerationSettings, step, embed, min_length) -> np.
         if not unfinished.any() or generated.shape[1] >= s.max_new_tokens:
             return generated
         mask = np.concatenate([mask, np.ones((B, 1), dtype=mask.dtype)], axis=1)
-        logits, past = step(embed(tokens), mask, _positions(mask)[:, -1:], past)
+        logits, past = step(embed(tokens), mask, positions_from_mask(mask)[:, -1:], past)
 
 
 def _beam(embeds, mask, s: GenerationSettings, step, reorder, embed, min_length) -> np.ndarray:
@@ -101,7 +102,7 @@ def _beam(embeds, mask, s: GenerationSettings, step, reorder, embed, min_length)
     improvable = np.ones((B, 1), dtype=bool)
     embeds = np.repeat(embeds, nb, axis=0)
     mask = np.repeat(mask, nb, axis=0)
-    logits, past = step(embeds, mask, _positions(mask), None)
+    logits, past = step(embeds, mask, positions_from_mask(mask), None)
     cur = 0
     while True:
         flat_seq = running[:, :, :cur].reshape(B * nb, cur)
@@ -148,7 +149,7 @@ def _beam(embeds, mask, s: GenerationSettings, step, reorder, embed, min_length)
         past = reorder(past, beam_idx)
         mask = np.concatenate([mask, np.ones((B * nb, 1), dtype=mask.dtype)], axis=1)
         tokens = running[:, :, cur - 1].reshape(-1)
-        logits, past = step(embed(tokens), mask, _positions(mask)[:, -1:], past)
+        logits, past = step(embed(tokens), mask, positions_from_mask(mask)[:, -1:], past)
     best_seq = finished[:, 0, :]
     length = int(((finished_bidx[:, 0, :] + 1) != 0).sum(axis=1).max())
     return best_seq[:, :length]

@@ -1,0 +1,188 @@
+"""`salmonn-export verify`: the PyTorch reference and an engine on the same audio, stage by stage.
+
+Per stage: cosine, max-abs and relative error of Whisper, BEATs and the speech embeddings; KL
+divergence and top-1 agreement of the first generated token's distribution. End to end: exact
+match of texts, token agreement, and word error rate of engine texts against reference texts
+(and both against ground truth when the data has it). Pass/fail against the recipe thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from salmonn_export.audio import load_audio
+from salmonn_export.errors import SalmonnError
+from salmonn_export.harness.wer import word_errors
+from salmonn_export.model.salmonn import SALMONN
+from salmonn_export.recipes import recipe_from_dict
+from salmonn_export.runtime.engine import Engine
+from salmonn_export.runtime.generation import positions_from_mask
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+
+@dataclass
+class Item:
+    audio: Path
+    task: str
+    text: str | None = None
+
+
+def verify_items(data: str | Path | None, default: Callable[[], list[Item]]) -> list[Item]:
+    """Audio folder (every file, both tasks), or a challenge annotation JSON, or the default set."""
+    if data is None:
+        return default()
+    data = Path(data)
+    if data.is_dir():
+        files = sorted(p for p in data.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        if not files:
+            raise SalmonnError("no audio files in this folder", data)
+        return [Item(f, t) for f in files for t in ("asr", "aac")]
+    if data.is_file() and data.suffix == ".json":
+        try:
+            ann = json.loads(data.read_text(encoding="utf-8"))["annotation"]
+        except (ValueError, KeyError, TypeError):
+            raise SalmonnError("annotation must be JSON with an `annotation` list", data) from None
+        items = []
+        for a in ann:
+            if "path" not in a:
+                raise SalmonnError("annotation item without `path`", data)
+            p = Path(a["path"])
+            task = {"audiocaption_v2": "aac"}.get(a.get("task", "asr"), a.get("task", "asr"))
+            items.append(Item(p if p.is_absolute() else data.parent / p, task, a.get("text")))
+        return items
+    raise SalmonnError("--data must be an audio folder or an annotation .json", data)
+
+
+def _stats(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    ref = ref.astype(np.float64).ravel()
+    out = out.astype(np.float64).ravel()
+    diff = np.abs(ref - out)
+    scale = np.abs(ref).max() or 1.0
+    return {"cosine": float(ref @ out / (np.linalg.norm(ref) * np.linalg.norm(out) or 1.0)),
+            "max_abs": float(diff.max()), "rel": float(diff.max() / scale)}
+
+
+def _merge_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    if not rows:
+        return {}
+    return {"cosine": min(r["cosine"] for r in rows), "max_abs": max(r["max_abs"] for r in rows),
+            "rel": max(r["rel"] for r in rows)}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def token_agreement(a: list[int], b: list[int]) -> float:
+    n = max(len(a), len(b))
+    return 1.0 if n == 0 else sum(x == y for x, y in zip(a, b)) / n
+
+
+@torch.no_grad()
+def verify(reference: SALMONN, engine: Engine, items: list[Item], progress: Callable[[int, int], None] | None = None,
+           num_beams: int | None = None) -> dict:
+    """Run both on every item (batch 1, as the challenge's efficiency protocol and default eval)."""
+    stages: dict[str, list] = {"whisper": [], "beats": [], "speech_embeds": []}
+    kls, top1, exact, agree = [], [], [], []
+    ref_texts, eng_texts, truths = [], [], []
+    rows = []
+    for i, item in enumerate(items):
+        wave = load_audio(item.audio)
+        batch = reference.make_batch([wave], [item.task])
+        r_whisper = reference.encode_whisper(batch.spectrogram)
+        e_whisper = engine.encode_whisper(engine.whisper_features([wave]))
+        stages["whisper"].append(_stats(r_whisper.numpy(), e_whisper))
+        r_beats = e_beats = None
+        if reference.beats is not None:
+            r_beats = reference.encode_beats(batch.raw_wav, batch.padding_mask)
+            e_beats = engine.encode_beats([wave])
+            stages["beats"].append(_stats(r_beats.numpy(), e_beats))
+        r_speech = reference.qformer_project(reference.fuse(r_whisper, r_beats))
+        e_speech = engine.qformer(e_whisper, e_beats)
+        stages["speech_embeds"].append(_stats(r_speech.numpy(), e_speech))
+        r_embeds, r_atts = reference.prompt_wrap(r_speech, reference.prompts_for([item.task]))
+        e_embeds, e_mask = engine.prompt_wrap(e_speech, [item.task])
+        r_logits = reference.causal_lm(inputs_embeds=r_embeds, attention_mask=r_atts).logits[0, -1].float().numpy()
+        e_logits, _ = engine.decoder_step(e_embeds, e_mask, positions_from_mask(e_mask), None)
+        lp, lq = _log_softmax(r_logits), _log_softmax(e_logits[0, -1])
+        kls.append(float((np.exp(lp) * (lp - lq)).sum()))
+        top1.append(float(r_logits.argmax() == e_logits[0, -1].argmax()))
+        r_ids = reference.generate_ids(r_embeds, r_atts, num_beams=num_beams)[0].tolist()
+        e_ids = engine.generate_ids(e_embeds, e_mask, num_beams=num_beams)[0].tolist()
+        r_text = reference.decode(torch.tensor([r_ids]))[0]
+        e_text = engine.decode(np.array([e_ids]))[0]
+        exact.append(float(r_text == e_text))
+        agree.append(token_agreement(r_ids, e_ids))
+        ref_texts.append(r_text)
+        eng_texts.append(e_text)
+        truths.append(item.text)
+        rows.append({"audio": str(item.audio), "task": item.task, "reference": r_text, "engine": e_text,
+                     "exact": r_text == e_text, "first_token_kl": kls[-1]})
+        if progress:
+            progress(i + 1, len(items))
+    result = {
+        "items": len(items),
+        "stages": {k: _merge_stats(v) for k, v in stages.items() if v},
+        "first_token": {"mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)), "top1_agreement": float(np.mean(top1))},
+        "end_to_end": {"exact_match": float(np.mean(exact)), "token_agreement": float(np.mean(agree)),
+                       "wer_engine_vs_reference": _wer([t for t in ref_texts], eng_texts)},
+        "rows": rows,
+    }
+    if all(t is not None for t in truths):
+        asr = [i for i, it in enumerate(items) if it.task == "asr"]
+        if asr:
+            result["end_to_end"]["wer_reference_vs_truth"] = _wer([truths[i] for i in asr], [ref_texts[i] for i in asr])
+            result["end_to_end"]["wer_engine_vs_truth"] = _wer([truths[i] for i in asr], [eng_texts[i] for i in asr])
+    return result
+
+
+def _wer(refs: list[str], hyps: list[str]) -> float:
+    errors, words = 0, 0
+    for r, h in zip(refs, hyps):
+        e, n = word_errors(r, h)
+        errors += e
+        words += n
+    return errors / words if words else 0.0
+
+
+def judge(result: dict, manifest: dict) -> dict:
+    """Compare against the recipe's thresholds (stored in the bundle's manifest)."""
+    t = recipe_from_dict(manifest["recipe"]).thresholds
+    checks = {
+        "speech_embeds_cosine": (result["stages"]["speech_embeds"]["cosine"], ">=", t.min_speech_cosine),
+        "first_token_mean_kl": (result["first_token"]["mean_kl"], "<=", t.max_first_token_kl),
+        "first_token_top1": (result["first_token"]["top1_agreement"], ">=", t.min_top1_agreement),
+        "text_exact_match": (result["end_to_end"]["exact_match"], ">=", t.min_text_exact_match),
+        "wer_engine_vs_reference": (result["end_to_end"]["wer_engine_vs_reference"], "<=", t.max_wer_delta),
+    }
+    out = {}
+    for name, (value, op, limit) in checks.items():
+        ok = value >= limit if op == ">=" else value <= limit
+        out[name] = {"value": value, "limit": limit, "op": op, "passed": bool(ok)}
+    return {"checks": out, "passed": all(c["passed"] for c in out.values())}
+
+
+def markdown_report(result: dict, verdict: dict, bundle: str, recipe: str) -> str:
+    status = "PASS" if verdict["passed"] else "FAIL"
+    lines = [f"# verify: {bundle} (recipe {recipe})", "", f"**{status}** on {result['items']} items", "",
+             "| stage | cosine (min) | max abs | rel |", "|---|---|---|---|"]
+    for name, s in result["stages"].items():
+        lines.append(f"| {name} | {s['cosine']:.8f} | {s['max_abs']:.3e} | {s['rel']:.3e} |")
+    ft, e2e = result["first_token"], result["end_to_end"]
+    lines += ["", f"first token: mean KL {ft['mean_kl']:.4g}, max KL {ft['max_kl']:.4g}, "
+                  f"top-1 agreement {ft['top1_agreement']:.3f}",
+              "", "| end to end | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in e2e.items()]
+    lines += ["", "| check | value | limit | result |", "|---|---|---|---|"]
+    for name, c in verdict["checks"].items():
+        lines.append(f"| {name} | {c['value']:.6g} | {c['op']} {c['limit']:g} | {'pass' if c['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
