@@ -55,3 +55,28 @@ def test_inspect_reports_problems_with_exit_1(challenge_fixture):
 def test_help_teaches_with_examples():
     for cmd in ("tiny", "inspect", "generate"):
         assert "Example:" in run(cmd, "--help").stdout
+
+
+def test_build_run_verify_inspect_bundle_cli(tmp_path, tiny_dir, audio_dir):
+    bundle = tmp_path / "b"
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.wav").write_bytes((audio_dir / "speech_a.wav").read_bytes())
+    report = json.loads(run("build", "--recipe", "w8a16", "--model", tiny_dir / "config.yaml", "--out", bundle,
+                            "--calib", calib, "--json").stdout)
+    assert report["sizes"]["decoder"] > 0 and report["validation"]["decoder"]["max_rel"] < 1e-4
+    proc = run("build", "--recipe", "w8a16", "--model", tiny_dir / "config.yaml", "--out", bundle, check=False)
+    assert proc.returncode == 2 and "use --force" in proc.stderr
+    proc = run("build", "--recipe", "nope", "--model", tiny_dir / "config.yaml", check=False)
+    assert proc.returncode == 2 and "unknown recipe `nope`" in proc.stderr
+    out = json.loads(run("run", "--engine", bundle, "--task", "aac", "--json", "--max-new-tokens", "3",
+                         audio_dir / "tone_2s.wav").stdout)
+    assert len(out["results"]) == 1
+    manifest = json.loads(run("inspect", bundle, "--json").stdout)
+    assert manifest["quantization"]["bits"] == 8
+    proc = run("verify", bundle, "--data", calib, "--report", tmp_path / "v.json", "--json", check=False)
+    assert proc.returncode in (0, 1)
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert saved["verdict"]["passed"] == (proc.returncode == 0)
+    assert (tmp_path / "v.md").read_text().startswith("# verify:")
+    assert "recipes" not in run("recipes", "--json").stderr
