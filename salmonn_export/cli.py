@@ -394,6 +394,93 @@ def verify(
 
 @app.command()
 @handle_errors
+def bench(
+    engines: Annotated[list[Path] | None, typer.Argument(help="Engine bundles (default: the demo w4a16 bundle).")] = None,
+    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also measure the PyTorch reference.")] = True,
+    model: ModelOpt = None,
+    audio_seconds: Annotated[float, typer.Option(help="Length of the N(0,1) noise clip (challenge: 10).")] = 10.0,
+    warmup: Annotated[int, typer.Option(help="Warm-up iterations, discarded (challenge: 10).")] = 10,
+    iters: Annotated[int, typer.Option(help="Timed iterations (challenge: 100).")] = 100,
+    stage_iters: Annotated[int, typer.Option(help="Timed iterations per stage.")] = 10,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Peak RSS per system in a subprocess.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the noise clip (the challenge's is unseeded).")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result JSON here.")] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table here.")] = None,
+):
+    """Measure TTFT, TPOT, memory and per-stage times with the challenge's protocol, engines and the
+    reference interleaved in one run, with engine/reference ratios and a memory-bandwidth roofline.
+
+    Example: salmonn-export bench engines/demo-w4a16 --warmup 2 --iters 10 --json bench.json
+    """
+    import numpy as np
+    from rich.progress import Progress
+
+    from salmonn_export.harness.bench import (
+        machine,
+        markdown,
+        measure_memory_subprocess,
+        memory_bandwidth_gbs,
+        ratios,
+        roofline,
+        run_protocol,
+        run_stages,
+    )
+    from salmonn_export.harness.bench_systems import engine_system, reference_system
+    from salmonn_export.runtime.engine import Engine
+
+    if warmup < 0 or iters < 1 or stage_iters < 1 or audio_seconds <= 0 or audio_seconds > 30:
+        raise SalmonnError("need --warmup >= 0, --iters >= 1, --stage-iters >= 1 and 0 < --audio-seconds <= 30")
+    bundles = list(engines) if engines else [_engine_path(None)]
+    wave = np.random.default_rng(seed).standard_normal(int(16000 * audio_seconds))
+    systems = []
+    config = model
+    if reference:
+        if config is None:
+            config = Path(Engine(bundles[0], verify_hashes=False).manifest["source"]["config"])
+        systems.append(reference_system(config, wave))
+    names = set()
+    for b in bundles:
+        system = engine_system(b, wave)
+        if system.name in names:
+            system.name = f"{system.name}@{b}"
+        names.add(system.name)
+        systems.append(system)
+    with Progress(console=err, transient=True) as progress:
+        task_id = progress.add_task("challenge protocol", total=warmup + iters)
+        protocol = run_protocol(systems, wave, warmup, iters, lambda d, t: progress.update(task_id, completed=d))
+    stages = run_stages(systems, min(warmup, 2), stage_iters)
+    bandwidth = memory_bandwidth_gbs()
+    mem = {}
+    if memory:
+        for s, target in zip(systems, ([str(config)] if reference else []) + [str(b) for b in bundles]):
+            mem[s.name] = measure_memory_subprocess("reference" if s.name == "reference" else "engine", target,
+                                                    audio_seconds)
+    context = 100  # prompt + 88 speech tokens, about what the first decode step sees
+    result = {
+        "settings": {"audio_seconds": audio_seconds, "warmup": warmup, "iters": iters, "stage_iters": stage_iters,
+                     "seed": seed, "batch": 1},
+        "machine": machine(), "protocol": protocol, "ratios": ratios(protocol, "reference"), "stages": stages,
+        "memory": mem, "bandwidth_gbs": bandwidth,
+        "weights_mb": {s.name: s.weight_bytes / 1e6 for s in systems},
+        "decoder_weight_mb": {s.name: s.decoder_bytes / 1e6 for s in systems},
+        "roofline": {s.name: roofline(s, protocol[s.name]["tpot"]["median"], context, bandwidth) for s in systems},
+    }
+    for name, r in protocol.items():
+        r["average_memory_usage_gb"] = mem.get(name, {}).get("average_memory_usage_gb")
+    if json_out:
+        from salmonn_export.export.manifest import write_json
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_out, result)
+    text = markdown(result)
+    if markdown_out:
+        markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        markdown_out.write_text(text)
+    out.print(text, highlight=False)
+
+
+@app.command()
+@handle_errors
 def generate(
     audio: Annotated[list[Path] | None, typer.Argument(help="Audio files (any rate, mono or stereo). "
                                                              "Default: the demo clips for the task.")] = None,

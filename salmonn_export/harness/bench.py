@@ -1,0 +1,196 @@
+"""`salmonn-export bench`: the challenge's speed protocol, per stage, engines beside the reference.
+
+Challenge protocol (spec 6): one 10 s N(0,1) clip (seeded here), batch 1, W warm-up and N timed
+iterations. TTFT = audio front end + encoders + Q-Former + prompt wrap (tokenisation included) +
+prefill with logits for every position; TPOT = one decode step with the KV cache. Warm-ups are
+discarded. Systems are interleaved inside each iteration (reference, engine 1, engine 2, ...) so
+machine noise hits all of them alike, and ratios are engine / reference from the same run.
+Memory: on CPU each system's peak resident memory is measured in a fresh subprocess (the
+challenge reports the lifetime peak of `max_memory_allocated`; a shared process cannot separate
+systems), plus weight bytes. Roofline: bytes a decode step must read (decoder weights + KV cache)
+over the step time, against this machine's copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHALLENGE_KEYS = ("average_memory_usage_gb", "average_inference_time_sec", "average_ttft_sec", "average_tpot_sec")
+
+
+@dataclass
+class System:
+    """What bench needs from a system under test."""
+
+    name: str
+    ttft: Callable[[np.ndarray], object]  # wave → state holding the prefill result
+    tpot: Callable[[object], None]  # one decode step from that state
+    stages: dict[str, Callable[[], None]]
+    weight_bytes: int
+    decoder_bytes: int
+    kv_bytes_per_token: int
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    a = np.asarray(times)
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "min": float(a.min())}
+
+
+def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second), best of `repeats`."""
+    src = np.ones(megabytes * (1 << 20) // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+    fork+exec, so a fresh subprocess would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1024**3
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024**3
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("numpy", "onnxruntime", "torch", "transformers"):
+        if mod in sys.modules:
+            versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+    info["libraries"] = versions
+    return info
+
+
+def run_protocol(systems: list[System], wave: np.ndarray, warmup: int, iters: int,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Interleaved TTFT/TPOT per system; returns raw timings and challenge-style summaries."""
+    ttft = {s.name: [] for s in systems}
+    tpot = {s.name: [] for s in systems}
+    total = warmup + iters
+    for it in range(total):
+        for s in systems:
+            t0 = time.perf_counter()
+            state = s.ttft(wave)
+            t1 = time.perf_counter()
+            s.tpot(state)
+            t2 = time.perf_counter()
+            if it >= warmup:
+                ttft[s.name].append(t1 - t0)
+                tpot[s.name].append(t2 - t1)
+        if progress:
+            progress(it + 1, total)
+    out = {}
+    for s in systems:
+        inference = [a + b for a, b in zip(ttft[s.name], tpot[s.name])]
+        out[s.name] = {
+            "average_inference_time_sec": float(np.mean(inference)),
+            "average_ttft_sec": float(np.mean(ttft[s.name])),
+            "average_tpot_sec": float(np.mean(tpot[s.name])),
+            "ttft": _summary(ttft[s.name]), "tpot": _summary(tpot[s.name]), "inference": _summary(inference),
+            "iterations": len(inference), "warmup_discarded": warmup,
+        }
+    return out
+
+
+def run_stages(systems: list[System], warmup: int, iters: int) -> dict:
+    """Per-stage medians, interleaved the same way."""
+    results = {s.name: {k: [] for k in s.stages} for s in systems}
+    for it in range(warmup + iters):
+        for s in systems:
+            for stage, fn in s.stages.items():
+                t0 = time.perf_counter()
+                fn()
+                if it >= warmup:
+                    results[s.name][stage].append(time.perf_counter() - t0)
+    return {name: {k: _summary(v) for k, v in stages.items()} for name, stages in results.items()}
+
+
+def ratios(protocol: dict, reference: str) -> dict:
+    """engine / reference for every timing (below 1 means faster than the reference)."""
+    if reference not in protocol:
+        return {}
+    ref = protocol[reference]
+    out = {}
+    for name, r in protocol.items():
+        if name == reference:
+            continue
+        out[name] = {k: r[k] / ref[k] for k in ("average_inference_time_sec", "average_ttft_sec", "average_tpot_sec")}
+        out[name]["median_tpot"] = r["tpot"]["median"] / ref["tpot"]["median"]
+        out[name]["median_ttft"] = r["ttft"]["median"] / ref["ttft"]["median"]
+    return out
+
+
+def roofline(system: System, tpot_seconds: float, context_tokens: int, bandwidth_gbs: float) -> dict:
+    moved = system.decoder_bytes + system.kv_bytes_per_token * context_tokens
+    achieved = moved / tpot_seconds / 1e9
+    return {"bytes_per_step": moved, "achieved_gbs": achieved, "machine_gbs": bandwidth_gbs,
+            "fraction_of_roofline": achieved / bandwidth_gbs}
+
+
+def measure_memory_subprocess(kind: str, target: str, seconds: float, model: str | None = None) -> dict:
+    """Peak RSS of one system alone: load + 3 protocol iterations in a fresh interpreter."""
+    code = (
+        "import json,sys; from salmonn_export.harness.bench_systems import memory_probe; "
+        f"print(json.dumps(memory_probe({kind!r}, {target!r}, {seconds!r}, {model!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(result: dict) -> str:
+    lines = ["# salmonn-export bench", "", f"machine: {result['machine'].get('cpu', '?')}, {result['machine']['cpus']} cpus; "
+             f"audio {result['settings']['audio_seconds']} s, warm-up {result['settings']['warmup']}, "
+             f"iterations {result['settings']['iters']}", "",
+             "| system | TTFT mean (s) | TPOT mean (s) | TPOT median (s) | inference (s) | peak RSS (GB) | weights (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in result["protocol"].items():
+        mem = result["memory"].get(name, {})
+        lines.append(f"| {name} | {r['average_ttft_sec']:.4f} | {r['average_tpot_sec']:.4f} | {r['tpot']['median']:.4f} | "
+                     f"{r['average_inference_time_sec']:.4f} | {mem.get('average_memory_usage_gb', float('nan')):.3f} | "
+                     f"{result['weights_mb'][name]:.1f} |")
+    if result["ratios"]:
+        lines += ["", "| engine / reference | TTFT | TPOT | inference | median TPOT |", "|---|---|---|---|---|"]
+        for name, r in result["ratios"].items():
+            lines.append(f"| {name} | {r['average_ttft_sec']:.3f} | {r['average_tpot_sec']:.3f} | "
+                         f"{r['average_inference_time_sec']:.3f} | {r['median_tpot']:.3f} |")
+    lines += ["", "| system | stage | median (ms) |", "|---|---|---|"]
+    for name, stages in result["stages"].items():
+        for stage, s in stages.items():
+            lines.append(f"| {name} | {stage} | {1000 * s['median']:.2f} |")
+    lines += ["", f"memory bandwidth (copy): {result['bandwidth_gbs']:.1f} GB/s", "",
+              "| system | bytes / decode step | achieved GB/s | fraction of roofline |", "|---|---|---|---|"]
+    for name, r in result["roofline"].items():
+        lines.append(f"| {name} | {r['bytes_per_step'] / 1e6:.1f} MB | {r['achieved_gbs']:.2f} | "
+                     f"{r['fraction_of_roofline']:.2%} |")
+    return "\n".join(lines) + "\n"

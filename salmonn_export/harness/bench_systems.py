@@ -1,0 +1,112 @@
+"""The systems `bench` measures: the PyTorch reference and engine bundles, under one interface.
+
+As in the challenge's efficiency script, the input batch (spectrogram, raw wave, mask) is built
+once outside the timers; the BEATs fbank is inside (it is part of `extract_features`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from salmonn_export.harness.bench import System, peak_rss_gb
+from salmonn_export.runtime.generation import positions_from_mask
+
+
+def _file_bytes(bundle: Path, manifest: dict) -> tuple[int, int]:
+    total = sum((bundle / f).stat().st_size for f in manifest["files"] if f.endswith((".data", ".npy")))
+    decoder = (bundle / manifest["components"]["decoder"]["data_file"]).stat().st_size
+    return total, decoder
+
+
+def engine_system(bundle: str | Path, wave: np.ndarray, name: str | None = None, device: str = "cpu") -> System:
+    from salmonn_export.runtime.engine import Engine
+
+    eng = Engine(bundle, device=device)
+    features = eng.whisper_features([wave])
+    llm = eng.manifest["llm"]
+
+    def ttft(_wave):
+        beats = eng.encode_beats([wave]) if eng.beats_cfg else None
+        speech = eng.qformer(eng.encode_whisper(features), beats)
+        embeds, mask = eng.prompt_wrap(speech, ["asr"])
+        logits, past = eng.decoder_step(embeds, mask, positions_from_mask(mask), None)
+        return logits, past, mask
+
+    def tpot(state):
+        logits, past, mask = state
+        token = logits[:, -1].argmax(-1)
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
+        eng.decoder_step(eng.embed(token)[:, None, :], mask, positions_from_mask(mask)[:, -1:], past)
+
+    hidden = eng.encode_whisper(features)
+    beats = eng.encode_beats([wave]) if eng.beats_cfg else None
+    speech = eng.qformer(hidden, beats)
+    embeds, mask = eng.prompt_wrap(speech, ["asr"])
+    stages = {
+        "whisper": lambda: eng.encode_whisper(features),
+        "beats": (lambda: eng.encode_beats([wave])) if eng.beats_cfg else (lambda: None),
+        "qformer_projection": lambda: eng.qformer(hidden, beats),
+        "prompt_wrap": lambda: eng.prompt_wrap(speech, ["asr"]),
+        "prefill": lambda: eng.decoder_step(embeds, mask, positions_from_mask(mask), None),
+    }
+    total, decoder = _file_bytes(Path(bundle), eng.manifest)
+    kv = 2 * llm["layers"] * llm["kv_heads"] * llm["head_dim"] * 4
+    return System(name or f"engine:{eng.manifest['recipe']['name']}", ttft, tpot, stages, total, decoder, kv)
+
+
+def reference_system(config: str | Path, wave: np.ndarray, device: str = "cpu") -> System:
+    import torch
+
+    from salmonn_export.model.salmonn import load_salmonn
+
+    model = load_salmonn(config, device=device)
+    batch = model.make_batch([wave], ["asr"])
+    lm = model.causal_lm
+    prompts = model.prompts_for(["asr"])
+
+    @torch.inference_mode()
+    def ttft(_wave):
+        speech = model.encode_speech(batch)
+        embeds, atts = model.prompt_wrap(speech, prompts)
+        out = lm(inputs_embeds=embeds, attention_mask=atts, use_cache=True)
+        return out
+
+    @torch.inference_mode()
+    def tpot(out):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        lm(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+
+    with torch.inference_mode():
+        hidden = model.encode_whisper(batch.spectrogram)
+        beats = model.encode_beats(batch.raw_wav, batch.padding_mask) if model.beats is not None else None
+        speech = model.qformer_project(model.fuse(hidden, beats))
+        embeds, atts = model.prompt_wrap(speech, prompts)
+
+    inference = torch.inference_mode()
+    stages = {
+        "whisper": inference(lambda: model.encode_whisper(batch.spectrogram)),
+        "beats": inference(lambda: model.encode_beats(batch.raw_wav, batch.padding_mask)),
+        "qformer_projection": inference(lambda: model.qformer_project(model.fuse(hidden, beats))),
+        "prompt_wrap": lambda: model.prompt_wrap(speech, prompts),
+        "prefill": inference(lambda: lm(inputs_embeds=embeds, attention_mask=atts, use_cache=True)),
+    }
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = lm.get_input_embeddings().weight
+    decoder = sum(p.numel() * p.element_size() for p in lm.parameters()) - embed.numel() * embed.element_size()
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    return System("reference", ttft, tpot, stages, param_bytes, decoder, kv)
+
+
+def memory_probe(kind: str, target: str, seconds: float, model: str | None = None) -> dict:
+    """Run in a fresh interpreter: load one system, do 3 protocol iterations, report peak RSS."""
+    wave = np.random.default_rng(0).standard_normal(int(16000 * seconds))
+    before = peak_rss_gb()
+    system = reference_system(target, wave) if kind == "reference" else engine_system(target, wave)
+    after_load = peak_rss_gb()
+    for _ in range(3):
+        system.tpot(system.ttft(wave))
+    return {"average_memory_usage_gb": peak_rss_gb(), "rss_before_load_gb": before, "rss_after_load_gb": after_load}
