@@ -73,6 +73,7 @@ class Recipe:
     thresholds: Thresholds = field(default_factory=Thresholds)
     trt: TrtSettings = field(default_factory=TrtSettings)
     opset: int = 17
+    optimize: bool = True
     source: str = ""
 
     @property
@@ -149,7 +150,7 @@ def _component(name: str, data: Any, source: str) -> ComponentRecipe:
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise SalmonnError("a recipe must be a YAML mapping", source)
-    allowed = {"name", "description", "components", "calibration", "thresholds", "trt", "opset"}
+    allowed = {"name", "description", "components", "calibration", "thresholds", "trt", "opset", "optimize"}
     extra = set(data) - allowed
     if extra:
         raise SalmonnError(f"unknown recipe field `{sorted(extra)[0]}`", source)
@@ -165,8 +166,11 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     opset = data.get("opset", 17)
     if not isinstance(opset, int) or not 17 <= opset <= 21:
         raise SalmonnError("recipe field `opset` must be an integer from 17 to 21", source)
+    optimize = data.get("optimize", True)
+    if not isinstance(optimize, bool):
+        raise SalmonnError("recipe field `optimize` must be true or false", source)
     return Recipe(
-        name=data["name"], description=str(data.get("description", "")), components=components,
+        name=data["name"], optimize=optimize, description=str(data.get("description", "")), components=components,
         calibration=_section(Calibration, data.get("calibration"), "calibration", source),
         thresholds=_section(Thresholds, data.get("thresholds"), "thresholds", source),
         trt=_section(TrtSettings, data.get("trt"), "trt", source), opset=opset, source=source,

@@ -27,7 +27,13 @@ from salmonn_export import __version__
 from salmonn_export.errors import SalmonnError
 from salmonn_export.export.manifest import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
 from salmonn_export.export.matmul_nbits import inject_matmul_nbits
-from salmonn_export.export.onnx_export import check_model, export_component, save_model, validate_component
+from salmonn_export.export.onnx_export import (
+    check_model,
+    export_component,
+    optimize_offline,
+    save_model,
+    validate_component,
+)
 from salmonn_export.export.specs import ExportSpec, beats_spec, decoder_spec, qformer_spec, whisper_spec
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.salmonn import SALMONN
@@ -208,6 +214,8 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
             if recipe_comp.precision == "fp16":
                 _to_fp16(path)
                 spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
+            if recipe.optimize:
+                extra["graph_optimization"] = optimize_offline(path)
             check_model(path)
         with log.stage(f"validate {spec.name}"):
             validation = validate_component(spec, path, seed=options.seed + 1)

@@ -48,6 +48,30 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
                     location=data_name, size_threshold=1024)
 
 
+def optimize_offline(path: Path) -> dict[str, int]:
+    """ONNX Runtime's offline *basic* graph optimisation (constant folding, redundant-node removal):
+    provider-independent, so the file stays portable (CPU, CUDA, TensorRT). Returns node counts."""
+    import onnxruntime as ort
+
+    before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    tmp = path.with_name(f".{path.name}.opt")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", tmp.name + ".data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(tmp))
+        save_model(model, path)
+    finally:
+        for f in (tmp, tmp.with_name(tmp.name + ".data")):
+            if f.exists():
+                f.unlink()
+    return {"nodes_before": before, "nodes_after": len(model.graph.node)}
+
+
 def check_model(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
