@@ -80,3 +80,29 @@ def test_build_run_verify_inspect_bundle_cli(tmp_path, tiny_dir, audio_dir):
     assert saved["verdict"]["passed"] == (proc.returncode == 0)
     assert (tmp_path / "v.md").read_text().startswith("# verify:")
     assert "recipes" not in run("recipes", "--json").stderr
+
+
+def test_demo_data_eval_score_validate_merge_cli(tmp_path, tiny_dir):
+    from salmonn_export.export.build import BuildOptions, build_bundle
+    from salmonn_export.recipes import load_recipe
+
+    run("demo-data", tmp_path / "set")
+    ann = json.loads((tmp_path / "set" / "annotation.json").read_text())["annotation"]
+    assert {a["task"] for a in ann} == {"asr", "audiocaption_v2"} and all(a["text"] for a in ann)
+    bundle = tmp_path / "b"
+    build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=bundle))
+    common = ["--annotation", tmp_path / "set" / "annotation.json"]
+    summary = json.loads(run("eval", "--task", "aac", "--engine", bundle, *common, "--out", tmp_path / "aac.csv",
+                             "--json").stdout)
+    assert summary["rows"] == sum(a["task"] == "audiocaption_v2" for a in ann) and "spider" in summary["score"]
+    assert (tmp_path / "aac.score.json").is_file()
+    scored = json.loads(run("score", "--task", "aac", "--submission", tmp_path / "aac.csv", *common, "--json").stdout)
+    assert scored["spider"] == summary["score"]["spider"]
+    for i in range(2):
+        run("eval", "--task", "asr", "--engine", bundle, *common, "--shard", f"{i}/2", "--out", tmp_path / f"p{i}.csv")
+    run("merge", tmp_path / "p0.csv", tmp_path / "p1.csv", "--out", tmp_path / "asr.csv", *common, "--task", "asr")
+    run("eval", "--task", "asr", "--engine", bundle, *common, "--out", tmp_path / "whole.csv")
+    assert (tmp_path / "asr.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert run("validate-submission", tmp_path / "asr.csv", *common, "--task", "asr").returncode == 0
+    bad = run("validate-submission", tmp_path / "asr.csv", *common, "--task", "aac", check=False)
+    assert bad.returncode == 1 and "missing" in bad.stdout

@@ -1,0 +1,99 @@
+"""`salmonn-export demo-data`: a small ASR + AAC test set synthesized locally, in challenge format.
+
+ASR: sentences spoken by espeak-ng with several voices and speeds, saved at 16 kHz and other
+rates, mono and stereo. AAC: generated sound scenes (tones, chirps, noise bursts, rhythms), each
+with a caption. One annotation JSON holds both tasks, with references.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from salmonn_export.audio import resample
+from salmonn_export.errors import SalmonnError
+from salmonn_export.model.synth import speak
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "please call stella and ask her to bring these things",
+    "she sells sea shells by the sea shore",
+    "the weather today is sunny with a light breeze",
+    "we will meet at nine in the morning",
+    "a dog barked twice and then the street was quiet",
+    "turn left at the second traffic light",
+    "my favourite colour is blue",
+    "he read twenty one pages before dinner",
+    "the train to london leaves from platform four",
+]
+VOICES = [("en-us", 160), ("en-gb", 140), ("en-us", 185), ("en-gb-x-rp", 170), ("en", 150)]
+RATES = [16000, 22050, 16000, 44100, 8000]
+
+
+def _scene(kind: str, seconds: float, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    t = np.arange(int(seconds * sr)) / sr
+    if kind == "tone":
+        f = float(rng.choice([220, 440, 880]))
+        return 0.4 * np.sin(2 * np.pi * f * t), f"A steady {'low' if f < 300 else 'high' if f > 600 else 'mid'} pitched tone"
+    if kind == "chirp_up":
+        return 0.4 * np.sin(2 * np.pi * (200 * t + 900 * t**2 / seconds)), "A tone rising quickly in pitch"
+    if kind == "chirp_down":
+        return 0.4 * np.sin(2 * np.pi * (2000 * t - 900 * t**2 / seconds)), "A whistle falling in pitch"
+    if kind == "noise_bursts":
+        gate = (np.floor(t * 2) % 2 == 0).astype(float)
+        return 0.3 * gate * rng.standard_normal(t.shape), "Short bursts of loud static noise"
+    if kind == "beeps":
+        gate = (np.floor(t * 6) % 2 == 0).astype(float)
+        return 0.4 * gate * np.sin(2 * np.pi * 1000 * t), "Rapid electronic beeping in a steady rhythm"
+    if kind == "hum_noise":
+        return 0.2 * np.sin(2 * np.pi * 60 * t) + 0.05 * rng.standard_normal(t.shape), "A low electrical hum with faint hiss"
+    raise SalmonnError(f"unknown scene {kind}")
+
+
+SCENES = ["tone", "chirp_up", "chirp_down", "noise_bursts", "beeps", "hum_noise"]
+
+
+def write_demo_data(out_dir: str | Path, seed: int = 0, force: bool = False) -> dict:
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SalmonnError("output folder exists and is not empty (use --force to replace it)", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    rng = np.random.default_rng(seed)
+    items = []
+    try:
+        (tmp / "asr").mkdir()
+        (tmp / "aac").mkdir()
+        for i, sentence in enumerate(SENTENCES):
+            voice, speed = VOICES[i % len(VOICES)]
+            rate = RATES[i % len(RATES)]
+            path = tmp / "asr" / f"speech_{i:02d}.wav"
+            speak(sentence, path, voice=voice, speed=speed)
+            if rate != 16000 or i % 3 == 2:
+                wave, sr = sf.read(path, dtype="float64")
+                wave = resample(wave, sr, rate) if rate != sr else wave
+                if i % 3 == 2:
+                    wave = np.stack([wave, 0.5 * wave[::-1]], axis=1)  # stereo: channel 0 is the speech
+                sf.write(path, wave, rate, subtype="PCM_16")
+            items.append({"testset_id": f"test{len(items):04d}", "path": f"asr/{path.name}", "task": "asr",
+                          "text": sentence.capitalize() + "."})
+        for i, kind in enumerate(SCENES * 2):
+            wave, caption = _scene(kind, float(rng.uniform(2.0, 6.0)), 16000, rng)
+            path = tmp / "aac" / f"scene_{i:02d}.wav"
+            sf.write(path, wave, 16000, subtype="PCM_16")
+            items.append({"testset_id": f"test{len(items):04d}", "path": f"aac/{path.name}", "task": "audiocaption_v2",
+                          "text": caption})
+        (tmp / "annotation.json").write_text(json.dumps({"annotation": items}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": str(out), "annotation": str(out / "annotation.json"),
+            "asr": sum(i["task"] == "asr" for i in items), "aac": sum(i["task"] != "asr" for i in items)}

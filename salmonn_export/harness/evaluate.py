@@ -1,0 +1,175 @@
+"""`salmonn-export eval`: a test set through an engine (or the reference) into a submission CSV.
+
+Resumable: each finished batch is appended to `<csv>.partial.jsonl` and fsynced; a rerun after
+Ctrl-C or a crash skips what is there (a torn last line is ignored) and ends with the same CSV.
+The partial file starts with the run's identity (backend, annotation hash, task, batch size,
+shard); resuming with a different one is refused. Shards are contiguous slices, so their CSVs
+concatenated in shard order are the unsharded CSV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from salmonn_export.audio import load_audio
+from salmonn_export.errors import SalmonnError
+from salmonn_export.harness.metrics import compute_spider, compute_wer, standard_cider_d
+from salmonn_export.harness.submission import Example, write_submission
+
+# backend(waves, annotation task keys) -> texts
+Backend = Callable[[list[np.ndarray], list[str]], list[str]]
+
+
+@dataclass
+class EvalOptions:
+    out: Path
+    task: str  # asr | aac
+    batch_size: int = 1
+    shard: tuple[int, int] = (0, 1)
+    skip_bad_audio: bool = False
+    limit: int | None = None
+
+
+def shard_slice(examples: list[Example], shard: tuple[int, int]) -> list[Example]:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise SalmonnError(f"bad shard {index}/{count}: need 0 <= I < N")
+    n = len(examples)
+    return examples[index * n // count:(index + 1) * n // count]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 1)
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SalmonnError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise SalmonnError(f"--shard {text}: need 0 <= I < N")
+    return (i, n)
+
+
+def _identity(backend_id: str, examples: list[Example], options: EvalOptions) -> dict:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.testset_id}\t{e.audio}\t{e.task}\n".encode())
+    return {"backend": backend_id, "examples_sha256": h.hexdigest(), "task": options.task,
+            "batch_size": options.batch_size, "shard": list(options.shard)}
+
+
+def _read_partial(path: Path, identity: dict) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if n == len(lines) - 1:
+                break  # torn last write
+            raise SalmonnError(f"corrupt line {n + 1} in the partial results", path) from None
+        if "meta" in record:
+            if record["meta"] != identity:
+                raise SalmonnError("partial results come from another run (engine, data, task, batch size or shard "
+                                   "differ); delete the file or use --restart", path)
+            continue
+        done[record["testset_id"]] = record
+    return done
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def score(task: str, hyps: list[str], refs: list[str]) -> dict:
+    if task == "asr":
+        return compute_wer(hyps, refs)
+    result = compute_spider(hyps, refs)
+    std = standard_cider_d(hyps, refs)
+    result["standard_cider_d"] = std if std is not None else "pycocoevalcap not installed"
+    result["spice"] = "not computed: SPICE needs Java and Stanford CoreNLP models, never downloaded at run time"
+    return result
+
+
+def run_eval(backend: Backend, backend_id: str, examples: list[Example], options: EvalOptions, restart: bool = False,
+             progress: Callable[[int, int, dict | None], None] | None = None) -> dict:
+    """Run, resume, write the CSV (+ score JSON when references exist). Returns the summary."""
+    examples = shard_slice(examples, options.shard)
+    if options.limit is not None:
+        examples = examples[: options.limit]
+    partial = options.out.with_name(options.out.name + ".partial.jsonl")
+    identity = _identity(backend_id, examples, options)
+    if restart and partial.exists():
+        partial.unlink()
+    done = _read_partial(partial, identity)
+    if not partial.exists():
+        options.out.parent.mkdir(parents=True, exist_ok=True)
+        _append(partial, [{"meta": identity}])
+    todo = [e for e in examples if e.testset_id not in done]
+    resumed = len(examples) - len(todo)
+    if progress:
+        progress(resumed, len(examples), None)
+    for start in range(0, len(todo), options.batch_size):
+        batch = todo[start:start + options.batch_size]
+        waves, ok, records = [], [], []
+        for e in batch:
+            try:
+                waves.append(load_audio(e.audio))
+                ok.append(e)
+            except SalmonnError as exc:
+                if not options.skip_bad_audio:
+                    raise
+                records.append({"testset_id": e.testset_id, "skipped": exc.problem, "audio": str(e.audio)})
+        if ok:
+            texts = backend(waves, [e.task for e in ok])
+            records += [{"testset_id": e.testset_id, "text": t} for e, t in zip(ok, texts)]
+        _append(partial, records)
+        for r in records:
+            done[r["testset_id"]] = r
+        if progress:
+            progress(resumed + start + len(batch), len(examples), _running_score(options.task, examples, done))
+    rows, skipped = [], []
+    for e in examples:
+        r = done[e.testset_id]
+        if "skipped" in r:
+            skipped.append({"testset_id": e.testset_id, "audio": r["audio"], "reason": r["skipped"]})
+        else:
+            rows.append((e.testset_id, r["text"]))
+    write_submission(options.out, rows)
+    summary = {"csv": str(options.out), "rows": len(rows), "skipped": skipped, "resumed_items": resumed,
+               "task": options.task, "backend": backend_id, "shard": list(options.shard)}
+    scored = [(e, done[e.testset_id]["text"]) for e in examples if e.text is not None and "text" in done[e.testset_id]]
+    if scored and (options.task == "asr" or len(scored) >= 2):
+        result = score(options.task, [t for _, t in scored], [e.text for e, _ in scored])
+        details = result.pop("items")
+        summary["score"] = result
+        summary["items"] = [{"testset_id": e.testset_id, "reference": e.text, "hypothesis": t, **(
+            d if isinstance(d, dict) else {"cider_d": d})} for (e, t), d in zip(scored, details)]
+        from salmonn_export.export.manifest import write_json
+
+        write_json(options.out.with_name(options.out.stem + ".score.json"), summary)
+    partial.unlink()
+    return summary
+
+
+def _running_score(task: str, examples: list[Example], done: dict[str, dict]) -> dict | None:
+    pairs = [(done[e.testset_id]["text"], e.text) for e in examples
+             if e.text is not None and e.testset_id in done and "text" in done[e.testset_id]]
+    if task == "asr" and pairs:
+        return {"wer": compute_wer([h for h, _ in pairs], [r for _, r in pairs])["wer"]}
+    if task == "aac" and len(pairs) >= 2:
+        return {"spider": compute_spider([h for h, _ in pairs], [r for _, r in pairs])["spider"]}
+    return None

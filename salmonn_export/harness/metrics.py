@@ -1,0 +1,153 @@
+"""The challenge's metrics, reproduced exactly (spec section 5), plus standard CIDEr-D for comparison.
+
+WER: Whisper's EnglishTextNormalizer (from `whisper-normalizer`, which ships the British→American
+spelling map) on both sides → sacrebleu 13a tokenisation → drop tokens made only of Unicode
+punctuation → lowercase → split; corpus-level Σ edits / Σ reference words.
+
+"SPIDEr": the challenge's adaptation of aac-metrics' CIDEr-D: hypotheses lowercased, references
+raw, `str.split` tokens, n = 1..4, document frequencies over references, "length" = bigram count,
+sigma 6, scale 10, reported as CIDEr-D × 100 rounded to 4 decimals. No SPICE.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections import Counter, defaultdict
+from functools import lru_cache
+
+from salmonn_export.errors import SalmonnError
+
+
+@lru_cache(maxsize=1)
+def _normalizer():
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_13a():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return Tokenizer13a()
+
+
+def _is_punctuation(token: str) -> bool:
+    return all(unicodedata.category(c).startswith("P") for c in token)
+
+
+def wer_tokens(text: str) -> list[str]:
+    """Normalise and tokenise one side as the challenge's `compute_wer` does."""
+    normalized = _normalizer()(text)
+    tokens = _tokenizer_13a()(normalized).split(" ")
+    kept = " ".join(t for t in tokens if t and not _is_punctuation(t))
+    return kept.lower().split()
+
+
+def edit_distance(a: list[str], b: list[str]) -> int:
+    try:
+        import editdistance
+
+        return int(editdistance.eval(a, b))
+    except ImportError:  # pragma: no cover - editdistance is a dependency; this keeps the math visible
+        prev = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            cur = [i] + [0] * len(b)
+            for j, y in enumerate(b, 1):
+                cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+            prev = cur
+        return prev[-1]
+
+
+def compute_wer(hyps: list[str], refs: list[str]) -> dict:
+    """Corpus WER and per-item details."""
+    if len(hyps) != len(refs):
+        raise SalmonnError(f"{len(hyps)} hypotheses for {len(refs)} references")
+    errors = words = 0
+    items = []
+    for h, r in zip(hyps, refs):
+        rt, ht = wer_tokens(r), wer_tokens(h)
+        e = edit_distance(rt, ht)
+        errors += e
+        words += len(rt)
+        items.append({"errors": e, "ref_words": len(rt)})
+    wer = errors / words if words else 0.0
+    return {"wer": wer, "wer_percent": float(f"{wer * 100:.4f}"), "errors": errors, "ref_words": words, "items": items}
+
+
+# ---------------------------------------------------------------- CIDEr-D (challenge variant)
+
+def _ngrams(tokens: list[str], n: int = 4) -> Counter:
+    counts: Counter = Counter()
+    for k in range(1, n + 1):
+        for i in range(len(tokens) - k + 1):
+            counts[tuple(tokens[i:i + k])] += 1
+    return counts
+
+
+def _vec(counts: Counter, df: dict, log_n_refs: float, n: int = 4):
+    vec = [defaultdict(float) for _ in range(n)]
+    norm = [0.0] * n
+    length = 0
+    for gram, tf in counts.items():
+        d = math.log(max(1.0, df[gram]))
+        k = len(gram) - 1
+        vec[k][gram] = float(tf) * (log_n_refs - d)
+        norm[k] += vec[k][gram] ** 2
+        if k == 1:
+            length += tf
+    return vec, [math.sqrt(x) for x in norm], length
+
+
+def _sim(cv, rv, cn, rn, cl, rl, n: int, sigma: float) -> list[float]:
+    delta = float(cl - rl)
+    val = [0.0] * n
+    for k in range(n):
+        for gram in cv[k]:
+            val[k] += min(cv[k][gram], rv[k][gram]) * rv[k][gram]
+        if cn[k] != 0 and rn[k] != 0:
+            val[k] /= cn[k] * rn[k]
+        val[k] *= math.e ** (-(delta**2) / (2 * sigma**2))
+    return val
+
+
+def cider_d(candidates: list[list[str]], references: list[list[list[str]]], n: int = 4, sigma: float = 6.0,
+            scale: float = 10.0) -> tuple[float, list[float]]:
+    """CIDEr-D over tokenised candidates and reference sets (aac-metrics' algorithm)."""
+    if len(candidates) < 2:
+        raise SalmonnError("CIDEr-D needs at least 2 candidates (document frequencies are corpus statistics)")
+    cand_counts = [_ngrams(c, n) for c in candidates]
+    ref_counts = [[_ngrams(r, n) for r in refs] for refs in references]
+    df: dict = defaultdict(float)
+    for refs in ref_counts:
+        for gram in {g for r in refs for g in r}:
+            df[gram] += 1
+    log_n_refs = math.log(float(len(ref_counts)))
+    scores = []
+    for cc, refs in zip(cand_counts, ref_counts):
+        cv, cn, cl = _vec(cc, df, log_n_refs, n)
+        total = [0.0] * n
+        for rc in refs:
+            rv, rn, rl = _vec(rc, df, log_n_refs, n)
+            total = [a + b for a, b in zip(total, _sim(cv, rv, cn, rn, cl, rl, n, sigma))]
+        scores.append(sum(total) / n / len(refs) * scale)
+    return sum(scores) / len(scores), scores
+
+
+def compute_spider(hyps: list[str], refs: list[str]) -> dict:
+    """The challenge's "SPIDEr" = CIDEr-D × 100 (hyps lowercased, refs raw, split on whitespace)."""
+    corpus, items = cider_d([h.lower().split() for h in hyps], [[r.split()] for r in refs])
+    return {"spider": float(f"{corpus * 100:.4f}"), "cider_d": corpus, "items": items}
+
+
+def standard_cider_d(hyps: list[str], refs: list[str]) -> dict | None:
+    """pycocoevalcap's CIDEr-D (PTB-style lowercase tokens on both sides) where that package exists."""
+    try:
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:
+        return None
+    gts = {i: [r.lower()] for i, r in enumerate(refs)}
+    res = {i: [h.lower()] for i, h in enumerate(hyps)}
+    score, _ = Cider().compute_score(gts, res)
+    return {"cider_d_pycocoevalcap": float(score)}
