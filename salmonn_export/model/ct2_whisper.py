@@ -103,7 +103,7 @@ def hf_state_dict(v: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         for i in range(n):
             src, dst = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
             ln(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
-            fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.q_proj", f"{dst}.self_attn.k_proj", f"{dst}.self_attn.v_proj"])
+            fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
             linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
             if side == "decoder":
                 ln(f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
@@ -135,7 +135,8 @@ def convert_ct2_whisper(model_dir: str | Path, out_dir: str | Path) -> Path:
     vocab = state["model.decoder.embed_tokens.weight"].shape[0]
     d_model = state["model.encoder.conv1.weight"].shape[0]
     mels = state["model.encoder.conv1.weight"].shape[1]
-    layers = {s: sum(1 for k in state if k.startswith(f"model.{s}.layers.") and k.endswith("fc1.weight")) for s in ("encoder", "decoder")}
+    layers = {side: sum(1 for k in state if k.startswith(f"model.{side}.layers.") and k.endswith("fc1.weight"))
+              for side in ("encoder", "decoder")}
     english_only = vocab == 51864
     config = WhisperConfig(
         vocab_size=vocab, num_mel_bins=mels, d_model=d_model,
