@@ -9,12 +9,12 @@ SX=${SX:-.venv/bin/salmonn-export}
 OUT=benchmarks/results
 mkdir -p "$WORK" "$OUT"
 [ -f "$WORK/model/config.yaml" ] || $SX tiny "$WORK/model" --preset small --seed 0 --force
-for r in fp32 fp16 w8a16 w4a16 w4a16-rtn; do
+for r in fp32 fp16 w8a16 w4a16 w4a8 w4a16-rtn; do
   [ -f "$WORK/small-$r/manifest.json" ] || $SX build --recipe "$r" --model "$WORK/model/config.yaml" --out "$WORK/small-$r" --force --json > /dev/null
   cp "$WORK/small-$r/build_report.json" "$OUT/build_small_$r.json"
 done
-$SX bench "$WORK/small-fp32" "$WORK/small-w8a16" "$WORK/small-w4a16" --model "$WORK/model/config.yaml" \
+$SX bench "$WORK/small-fp32" "$WORK/small-w8a16" "$WORK/small-w4a16" "$WORK/small-w4a8" --model "$WORK/model/config.yaml" \
   --warmup "${WARMUP:-3}" --iters "${ITERS:-20}" --stage-iters 5 --json "$OUT/bench_small.json" --markdown "$OUT/bench_small.md"
-for r in fp32 fp16 w8a16 w4a16 w4a16-rtn; do
+for r in fp32 fp16 w8a16 w4a16 w4a8 w4a16-rtn; do
   $SX verify "$WORK/small-$r" --model "$WORK/model/config.yaml" --report "$OUT/verify_small_$r.json" > /dev/null || true
 done

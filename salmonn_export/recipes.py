@@ -29,6 +29,7 @@ class WeightQuant:
     symmetric: bool = True
     act_order: bool = False
     damp: float = 0.01
+    accuracy_level: int = 0  # MatMulNBits compute: 0 = activations' type (a16/a32), 4 = int8 activations (faster on CPU)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ def _component(name: str, data: Any, source: str) -> ComponentRecipe:
         gs = weights.group_size
         if gs < 16 or gs & (gs - 1):
             raise SalmonnError("recipe field `components.llm.weights.group_size` must be a power of two >= 16", source)
+        if weights.accuracy_level not in (0, 1, 2, 3, 4):
+            raise SalmonnError("recipe field `components.llm.weights.accuracy_level` must be 0-4", source)
         if not weights.symmetric:
             raise SalmonnError("recipe field `components.llm.weights.symmetric: false` is not supported yet", source)
     skip = tuple(data.get("skip_modules", ("lm_head", "embed_tokens")))

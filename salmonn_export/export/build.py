@@ -209,7 +209,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
             extra = {}
             if spec.name == "decoder" and quant is not None:
                 model = onnx.load(str(path))
-                extra = inject_matmul_nbits(model, quant.layers, source=str(path))
+                extra = inject_matmul_nbits(model, quant.layers, accuracy_level=weights.accuracy_level, source=str(path))
                 save_model(model, path)
             if recipe_comp.precision == "fp16":
                 _to_fp16(path)
@@ -280,6 +280,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
         "quantization": None if quant is None else {
             "method": weights.method, "bits": weights.bits, "group_size": weights.group_size,
             "act_order": weights.act_order, "symmetric": weights.symmetric, "damp": weights.damp,
+            "accuracy_level": weights.accuracy_level,
             "layers": len(quant.layers),
             "layer_group_sizes": sorted({q.group_size for q in quant.layers.values()}),
             "per_layer_error": quant.errors, "calibration": calib_info, "llm_eval_on_calibration": quant_eval},

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ def effective_group(in_features: int, group_size: int) -> int:
 
 def _for_layer(q: WeightQuant, in_features: int) -> WeightQuant:
     g = effective_group(in_features, q.group_size)
-    return q if g == q.group_size else WeightQuant(q.bits, g, q.method, q.symmetric, q.act_order, q.damp)
+    return q if g == q.group_size else replace(q, group_size=g)
 
 
 def group_scales(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
