@@ -46,6 +46,19 @@ def prepare_wave(wave: np.ndarray, sr: int) -> np.ndarray:
     return wave[:MAX_SAMPLES]
 
 
+def load_audio_bytes(data: bytes, name: str = "<upload>") -> np.ndarray:
+    """Decode audio held in memory (an upload) exactly like `load_audio`."""
+    import io
+
+    try:
+        wave, sr = sf.read(io.BytesIO(data), dtype="float64")
+    except Exception as exc:
+        raise SalmonnError(f"not readable audio ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", name) from None
+    if wave.size == 0:
+        raise SalmonnError("audio holds no samples", name)
+    return prepare_wave(wave, sr)
+
+
 def load_audio(path: str | Path) -> np.ndarray:
     """Load one clip as the challenge does; returns float64 samples at 16 kHz."""
     path = Path(path)

@@ -1,0 +1,1 @@
+"""Deploy: the OpenAI-compatible audio server."""
