@@ -72,6 +72,27 @@ def _model_config(model: Path | None) -> Path:
         return ensure_demo_model()
 
 
+def _audio_or_demo(audio: list[Path] | None, task: str, explicit: bool, what: str) -> list[Path]:
+    """The given files, or the demo clips when running the demo default."""
+    if audio:
+        return audio
+    if explicit:
+        raise SalmonnError(f"give audio files (demo clips exist only for the demo {what})")
+    from salmonn_export.model.demo import demo_clips
+
+    return demo_clips(task)
+
+
+def _print_texts(audio: list[Path], texts: list[str], as_json: bool, info: dict) -> None:
+    """One `file<TAB>text` line per file (repr() when the text has unprintable characters), or JSON."""
+    if as_json:
+        results = [{"audio": str(a), "text": t} for a, t in zip(audio, texts)]
+        print(json.dumps({**info, "results": results}, indent=1, ensure_ascii=False))
+        return
+    for a, t in zip(audio, texts):
+        sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+
+
 def _version_callback(value: bool):
     if value:
         print(__version__)
@@ -314,25 +335,14 @@ def run(
     if batch_size < 1:
         raise SalmonnError("--batch-size must be >= 1")
     bundle = _engine_path(engine)
-    if not audio:
-        if engine is not None:
-            raise SalmonnError("give audio files (demo clips exist only for the demo engine)")
-        from salmonn_export.model.demo import demo_clips
-
-        audio = demo_clips(task)
+    audio = _audio_or_demo(audio, task, engine is not None, "engine")
     t0 = time.perf_counter()
     eng = Engine(bundle, device=device)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     texts = eng.transcribe(audio, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    run_s = time.perf_counter() - t1
-    if as_json:
-        print(json.dumps({"task": task, "engine": str(bundle), "providers": [str(p) for p in eng.providers],
-                          "load_seconds": round(load_s, 3), "run_seconds": round(run_s, 3),
-                          "results": [{"audio": str(a), "text": t} for a, t in zip(audio, texts)]}, indent=1, ensure_ascii=False))
-    else:
-        for a, t in zip(audio, texts):
-            sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+    _print_texts(audio, texts, as_json, {"task": task, "engine": str(bundle), "providers": [str(p) for p in eng.providers],
+                                         "load_seconds": round(load_s, 3), "run_seconds": round(time.perf_counter() - t1, 3)})
 
 
 @app.command()
@@ -510,8 +520,8 @@ def eval_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from salmonn_export.dataset import read_annotation
     from salmonn_export.harness.evaluate import EvalOptions, parse_shard, run_eval
-    from salmonn_export.harness.submission import read_annotation
 
     if batch_size < 1:
         raise SalmonnError("--batch-size must be >= 1")
@@ -581,8 +591,9 @@ def score(
 
     Example: salmonn-export score --task aac --submission sub.csv --annotation ann.json
     """
+    from salmonn_export.dataset import read_annotation
     from salmonn_export.harness.evaluate import score as compute
-    from salmonn_export.harness.submission import read_annotation, read_submission
+    from salmonn_export.harness.submission import read_submission
 
     examples = read_annotation(annotation, task)
     refs = {e.testset_id: e.text for e in examples}
@@ -616,7 +627,8 @@ def validate_submission_cmd(
 
     Example: salmonn-export validate-submission sub.csv --annotation ann.json --task asr
     """
-    from salmonn_export.harness.submission import read_annotation, validate_submission
+    from salmonn_export.dataset import read_annotation
+    from salmonn_export.harness.submission import validate_submission
 
     examples = read_annotation(annotation, task) if annotation else None
     report = validate_submission(submission, examples)
@@ -642,7 +654,8 @@ def merge(
 
     Example: salmonn-export merge part0.csv part1.csv --out submission.csv
     """
-    from salmonn_export.harness.submission import merge_submissions, read_annotation, write_submission
+    from salmonn_export.dataset import read_annotation
+    from salmonn_export.harness.submission import merge_submissions, write_submission
 
     rows = merge_submissions(parts, read_annotation(annotation, task) if annotation else None)
     write_submission(out_csv, rows)
@@ -745,12 +758,7 @@ def generate(
     if batch_size < 1:
         raise SalmonnError("--batch-size must be >= 1")
     config = _model_config(model)
-    if not audio:
-        if model is not None:
-            raise SalmonnError("give audio files to transcribe (demo clips exist only for the demo model)")
-        from salmonn_export.model.demo import demo_clips
-
-        audio = demo_clips(task)
+    audio = _audio_or_demo(audio, task, model is not None, "model")
     if device.startswith("cuda"):
         import torch
 
@@ -761,15 +769,8 @@ def generate(
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     texts = salmonn.transcribe(audio, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    gen_s = time.perf_counter() - t1
-    if as_json:
-        print(json.dumps({"task": task, "config": str(config), "load_seconds": round(load_s, 3),
-                          "generate_seconds": round(gen_s, 3),
-                          "results": [{"audio": str(a), "text": t} for a, t in zip(audio, texts)]},
-                         indent=1, ensure_ascii=False))
-    else:
-        for a, t in zip(audio, texts):
-            sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+    _print_texts(audio, texts, as_json, {"task": task, "config": str(config), "load_seconds": round(load_s, 3),
+                                         "generate_seconds": round(time.perf_counter() - t1, 3)})
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from salmonn_export.dataset import read_annotation
 from salmonn_export.errors import SalmonnError
 from salmonn_export.harness.evaluate import EvalOptions, run_eval
 from salmonn_export.harness.metrics import cider_d, compute_spider, compute_wer, wer_tokens
 from salmonn_export.harness.submission import (
     merge_submissions,
-    read_annotation,
     read_submission,
     validate_submission,
     write_submission,

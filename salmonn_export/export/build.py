@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +33,7 @@ from salmonn_export.export.onnx_export import (
     validate_component,
 )
 from salmonn_export.export.specs import ExportSpec, beats_spec, decoder_spec, qformer_spec, whisper_spec
+from salmonn_export.files import atomic_dir
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
@@ -141,23 +140,8 @@ def build_bundle(config_path: Path, recipe: Recipe, options: BuildOptions, log: 
     out = options.out.expanduser().resolve()
     if out.exists() and not options.force:
         raise SalmonnError("bundle already exists (use --force to replace it)", out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    except OSError as exc:
-        raise SalmonnError(f"cannot write the bundle here ({exc.strerror})", out.parent) from None
-    try:
+    with atomic_dir(out, force=True, what="bundle") as tmp:
         report = _build_into(tmp, config_path, recipe, options, log)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{int(time.time())}")
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report["bundle"] = str(out)
     return report
 
@@ -213,6 +197,9 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
                 save_model(model, path)
             if recipe_comp.precision == "fp16":
                 _to_fp16(path)
+                spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
+            if spec.name == "decoder" and weights is not None and weights.accuracy_level == 4:
+                # int8-quantized activations inside MatMulNBits: no longer equal to the dequantized torch model
                 spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
             if recipe.optimize:
                 extra["graph_optimization"] = optimize_offline(path)

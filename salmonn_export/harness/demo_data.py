@@ -8,8 +8,6 @@ with a caption. One annotation JSON holds both tasks, with references.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import soundfile as sf
 
 from salmonn_export.audio import resample
 from salmonn_export.errors import SalmonnError
+from salmonn_export.files import atomic_dir
 from salmonn_export.model.synth import speak
 
 SENTENCES = [
@@ -60,13 +59,9 @@ SCENES = ["tone", "chirp_up", "chirp_down", "noise_bursts", "beeps", "hum_noise"
 
 def write_demo_data(out_dir: str | Path, seed: int = 0, force: bool = False) -> dict:
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SalmonnError("output folder exists and is not empty (use --force to replace it)", out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     rng = np.random.default_rng(seed)
     items = []
-    try:
+    with atomic_dir(out, force) as tmp:
         (tmp / "asr").mkdir()
         (tmp / "aac").mkdir()
         for i, sentence in enumerate(SENTENCES):
@@ -89,11 +84,5 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, force: bool = False) -> 
             items.append({"testset_id": f"test{len(items):04d}", "path": f"aac/{path.name}", "task": "audiocaption_v2",
                           "text": caption})
         (tmp / "annotation.json").write_text(json.dumps({"annotation": items}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"folder": str(out), "annotation": str(out / "annotation.json"),
             "asr": sum(i["task"] == "asr" for i in items), "aac": sum(i["task"] != "asr" for i in items)}

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from salmonn_export.audio import load_audio
+from salmonn_export.dataset import Example
 from salmonn_export.errors import SalmonnError
 from salmonn_export.harness.metrics import compute_spider, compute_wer, standard_cider_d
-from salmonn_export.harness.submission import Example, write_submission
+from salmonn_export.harness.submission import write_submission
 
 # backend(waves, annotation task keys) -> texts
 Backend = Callable[[list[np.ndarray], list[str]], list[str]]

@@ -8,7 +8,6 @@ match of texts, token agreement, and word error rate of engine texts against ref
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,13 @@ import numpy as np
 import torch
 
 from salmonn_export.audio import load_audio
+from salmonn_export.dataset import audio_files, read_annotation, short_task
 from salmonn_export.errors import SalmonnError
-from salmonn_export.harness.wer import word_errors
+from salmonn_export.harness.metrics import word_errors
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import recipe_from_dict
 from salmonn_export.runtime.engine import Engine
 from salmonn_export.runtime.generation import positions_from_mask
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
 @dataclass
@@ -40,23 +38,9 @@ def verify_items(data: str | Path | None, default: Callable[[], list[Item]]) -> 
         return default()
     data = Path(data)
     if data.is_dir():
-        files = sorted(p for p in data.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-        if not files:
-            raise SalmonnError("no audio files in this folder", data)
-        return [Item(f, t) for f in files for t in ("asr", "aac")]
+        return [Item(f, t) for f in audio_files(data) for t in ("asr", "aac")]
     if data.is_file() and data.suffix == ".json":
-        try:
-            ann = json.loads(data.read_text(encoding="utf-8"))["annotation"]
-        except (ValueError, KeyError, TypeError):
-            raise SalmonnError("annotation must be JSON with an `annotation` list", data) from None
-        items = []
-        for a in ann:
-            if "path" not in a:
-                raise SalmonnError("annotation item without `path`", data)
-            p = Path(a["path"])
-            task = {"audiocaption_v2": "aac"}.get(a.get("task", "asr"), a.get("task", "asr"))
-            items.append(Item(p if p.is_absolute() else data.parent / p, task, a.get("text")))
-        return items
+        return [Item(e.audio, short_task(e.task), e.text) for e in read_annotation(data)]
     raise SalmonnError("--data must be an audio folder or an annotation .json", data)
 
 

@@ -13,15 +13,14 @@ output head tied to the decoder embeddings. The tokenizer gains the 1,501 timest
 from __future__ import annotations
 
 import json
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from salmonn_export.errors import SalmonnError
+from salmonn_export.files import atomic_dir
 
 DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
 
@@ -168,9 +167,7 @@ def convert_ct2_whisper(model_dir: str | Path, out_dir: str | Path) -> Path:
     gen.begin_suppress_tokens = meta.get("suppress_ids_begin")
     gen.is_multilingual = not english_only
     gen.alignment_heads = meta.get("alignment_heads")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, force=True, what="Whisper folder") as tmp:
         model.save_pretrained(str(tmp))
         WhisperFeatureExtractor(feature_size=mels).save_pretrained(str(tmp))
         tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -185,13 +182,7 @@ def convert_ct2_whisper(model_dir: str | Path, out_dir: str | Path) -> Path:
             "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 1024,
             "clean_up_tokenization_spaces": True}, indent=1))
         (tmp / "CONVERTED_FROM.json").write_text(json.dumps({"source": str(model_dir / "model.bin"), **header}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return out.expanduser().resolve()
 
 
 def packaged_tiny_en() -> Path:

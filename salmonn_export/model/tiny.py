@@ -11,8 +11,6 @@ audio. Same preset + seed → byte-identical files.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from transformers import (
 )
 
 from salmonn_export.errors import SalmonnError
+from salmonn_export.files import atomic_dir
 from salmonn_export.model.beats import BEATs, BEATsConfig
 from salmonn_export.model.llm import apply_lora
 from salmonn_export.model.prompts import builtin_test_prompts
@@ -227,12 +226,7 @@ def write_tiny_salmonn(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
     if preset not in PRESETS:
         raise SalmonnError(f"unknown preset `{preset}`; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SalmonnError("output folder exists and is not empty (use --force to replace it)", out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, force) as tmp:
         torch.manual_seed(seed)
         _write_whisper(tmp / "whisper", p)
         torch.manual_seed(seed + 1)
@@ -245,14 +239,9 @@ def write_tiny_salmonn(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
         torch.save({"model": state, "optimizer": None, "config": challenge_config(), "scaler": None, "epoch": 0},
                    str(tmp / "checkpoint_best.pth"))
         (tmp / "prompts").mkdir()
-        train_prompts = {"asr": [builtin_test_prompts()["asr"]], "audiocaption_v2": [builtin_test_prompts()["audiocaption_v2"]]}
+        prompts = builtin_test_prompts()
+        train_prompts = {"asr": [prompts["asr"]], "audiocaption_v2": [prompts["audiocaption_v2"]]}
         (tmp / "prompts" / "train_prompt.json").write_text(json.dumps(train_prompts, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(challenge_config(), sort_keys=False, allow_unicode=True))
         (tmp / "TINY.json").write_text(json.dumps({"preset": preset, "seed": seed}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser().resolve()

@@ -7,18 +7,16 @@ reference text, its tokens (plus end_sym) are appended, teacher-forced, as in tr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from salmonn_export.audio import load_audio
+from salmonn_export.dataset import audio_files, read_annotation, short_task
 from salmonn_export.errors import SalmonnError
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Calibration
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
 @dataclass
@@ -32,24 +30,9 @@ def calibration_items(source: str | Path) -> list[CalibItem]:
     """Audio from a folder (all audio files, sorted) or a challenge annotation JSON (with texts)."""
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-        if not files:
-            raise SalmonnError("calibration folder holds no audio files", source)
-        return [CalibItem(p) for p in files]
+        return [CalibItem(p) for p in audio_files(source)]
     if source.suffix == ".json" and source.is_file():
-        try:
-            ann = json.loads(source.read_text(encoding="utf-8"))["annotation"]
-        except (ValueError, KeyError, TypeError):
-            raise SalmonnError("calibration annotation must be JSON with an `annotation` list", source) from None
-        items = []
-        for a in ann:
-            if "path" not in a:
-                raise SalmonnError("annotation item without `path`", source)
-            path = Path(a["path"])
-            path = path if path.is_absolute() else source.parent / path
-            task = {"audiocaption_v2": "aac"}.get(a.get("task", "asr"), a.get("task", "asr"))
-            items.append(CalibItem(path, a.get("text"), task))
-        return items
+        return [CalibItem(e.audio, e.text, short_task(e.task)) for e in read_annotation(source)]
     raise SalmonnError("--calib must be an audio folder or an annotation .json", source)
 
 
