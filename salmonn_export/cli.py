@@ -510,11 +510,15 @@ def eval_cmd(
     skip_bad_audio: Annotated[bool, typer.Option("--skip-bad-audio", help="List unreadable files as skipped "
                                                                          "instead of stopping.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard partial results of an earlier run.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Spread the batches over Ray actors (Ray Data), one engine each.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
+    ray_actors: Annotated[int, typer.Option(help="Engine actors with --ray.")] = 2,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ):
     """Run an engine (or the reference) over a test set and write a submission CSV, scored when the
-    annotation has references. Resumable: rerun the same command after an interruption.
+    annotation has references. Resumable: rerun the same command after an interruption. With --ray the
+    same batches run on a Ray cluster and the CSV is identical.
 
     Example: salmonn-export eval --task asr --engine engines/demo-w4a16 --annotation data/ann.json --out sub.csv
     """
@@ -556,6 +560,15 @@ def eval_cmd(
             return eng.run_waves(waves, tasks).texts
 
         backend_id = f"engine:{Path(bundle).resolve()}:{eng.manifest['files'].get('decoder.onnx.data', '')[:16]}"
+    runner = None
+    if ray:
+        if model is not None:
+            raise SalmonnError("--ray runs engine bundles; use --engine")
+        if ray_actors < 1:
+            raise SalmonnError("--ray-actors must be >= 1")
+        from salmonn_export.serve.ray_backend import ray_batch_runner
+
+        runner = ray_batch_runner(Path(bundle), device, skip_bad_audio, ray_actors, ray_address)
     options = EvalOptions(out=out_csv, task=task, batch_size=batch_size, shard=parse_shard(shard),
                           skip_bad_audio=skip_bad_audio, limit=limit)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -566,7 +579,7 @@ def eval_cmd(
             label = ", ".join(f"{k} {v:.4g}" for k, v in (running or {}).items())
             progress.update(tid, completed=done, total=total, score=label)
 
-        summary = run_eval(backend, backend_id, examples, options, restart=restart, progress=on_progress)
+        summary = run_eval(backend, backend_id, examples, options, restart=restart, progress=on_progress, runner=runner)
     if as_json:
         print(json.dumps(summary, indent=1, ensure_ascii=False))
         return
@@ -676,6 +689,10 @@ def serve(
     request_timeout_s: Annotated[float, typer.Option(help="Per-request timeout (504).")] = 120.0,
     api_key_env: Annotated[str | None, typer.Option(help="Name of an environment variable holding the API key; "
                                                          "requests then need Authorization: Bearer <key>.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve (one engine per replica).")] = False,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray).")] = 1,
+    autoscale: Annotated[str | None, typer.Option(help="MIN:MAX replicas, autoscaled by ongoing requests (with --ray).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
     device: DeviceOpt = "cpu",
 ):
     """Serve an engine behind an OpenAI-compatible audio API with dynamic batching and Prometheus metrics.
@@ -697,6 +714,13 @@ def serve(
                              max_queue=max_queue, max_upload_mb=max_upload_mb, max_audio_seconds=max_audio_seconds,
                              request_timeout_s=request_timeout_s, api_key=api_key)
     err.print(f"serving {settings.engine} on http://{host}:{port} (POST /v1/audio/transcriptions, /v1/audio/captions)")
+    if ray:
+        from salmonn_export.serve.ray_backend import parse_autoscale, run_ray_serve
+
+        if replicas < 1:
+            raise SalmonnError("--replicas must be >= 1")
+        run_ray_serve(settings, host, port, replicas, parse_autoscale(autoscale), ray_address)
+        return
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 

@@ -35,13 +35,13 @@ def bundle(tiny_dir, tmp_path_factory):
 
 
 class Server:
-    def __init__(self, bundle, *args, env=None):
+    def __init__(self, bundle, *args, env=None, startup_s=60):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--engine", str(bundle), "--port",
                                       str(self.port), *args], env={**os.environ, **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
+        deadline = time.time() + startup_s
         while time.time() < deadline:
             try:
                 if httpx.get(self.url + "/health", timeout=1).json()["status"] == "ok":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +105,32 @@ def score(task: str, hyps: list[str], refs: list[str]) -> dict:
     return result
 
 
-def run_eval(backend: Backend, backend_id: str, examples: list[Example], options: EvalOptions, restart: bool = False,
-             progress: Callable[[int, int, dict | None], None] | None = None) -> dict:
-    """Run, resume, write the CSV (+ score JSON when references exist). Returns the summary."""
+def batch_records(backend: Backend, batch: list[Example], skip_bad_audio: bool) -> list[dict]:
+    """One batch → partial-file records (texts, or listed skips of unreadable audio)."""
+    waves, ok, records = [], [], []
+    for e in batch:
+        try:
+            waves.append(load_audio(e.audio))
+            ok.append(e)
+        except SalmonnError as exc:
+            if not skip_bad_audio:
+                raise
+            records.append({"testset_id": e.testset_id, "skipped": exc.problem, "audio": str(e.audio)})
+    if ok:
+        texts = backend(waves, [e.task for e in ok])
+        records += [{"testset_id": e.testset_id, "text": t} for e, t in zip(ok, texts)]
+    return records
+
+
+# runner(batches) -> records of each batch, in order (e.g. spread over a Ray cluster)
+BatchRunner = Callable[[list[list[Example]]], Iterator[list[dict]]]
+
+
+def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], options: EvalOptions, restart: bool = False,
+             progress: Callable[[int, int, dict | None], None] | None = None, runner: BatchRunner | None = None) -> dict:
+    """Run, resume, write the CSV (+ score JSON when references exist). Returns the summary.
+
+    Batches are the same whether they run here (`backend`) or elsewhere (`runner`), so is the CSV."""
     examples = shard_slice(examples, options.shard)
     if options.limit is not None:
         examples = examples[: options.limit]
@@ -123,25 +146,19 @@ def run_eval(backend: Backend, backend_id: str, examples: list[Example], options
     resumed = len(examples) - len(todo)
     if progress:
         progress(resumed, len(examples), None)
-    for start in range(0, len(todo), options.batch_size):
-        batch = todo[start:start + options.batch_size]
-        waves, ok, records = [], [], []
-        for e in batch:
-            try:
-                waves.append(load_audio(e.audio))
-                ok.append(e)
-            except SalmonnError as exc:
-                if not options.skip_bad_audio:
-                    raise
-                records.append({"testset_id": e.testset_id, "skipped": exc.problem, "audio": str(e.audio)})
-        if ok:
-            texts = backend(waves, [e.task for e in ok])
-            records += [{"testset_id": e.testset_id, "text": t} for e, t in zip(ok, texts)]
+    batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+    if runner is not None:
+        results = runner(batches)
+    else:
+        results = (batch_records(backend, b, options.skip_bad_audio) for b in batches)
+    finished = resumed
+    for batch, records in zip(batches, results):
         _append(partial, records)
         for r in records:
             done[r["testset_id"]] = r
+        finished += len(batch)
         if progress:
-            progress(resumed + start + len(batch), len(examples), _running_score(options.task, examples, done))
+            progress(finished, len(examples), _running_score(options.task, examples, done))
     rows, skipped = [], []
     for e in examples:
         r = done[e.testset_id]

@@ -175,8 +175,7 @@ def create_app(settings: ServeSettings, engine=None):
     """The FastAPI app (an already-loaded `Engine` may be passed, e.g. by Ray Serve replicas)."""
     from salmonn_export.runtime.engine import Engine
 
-    metrics = Metrics()
-    state: dict = {}
+    state: dict = {}  # filled at startup: the app object itself stays picklable (Ray Serve ships it to replicas)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -186,7 +185,8 @@ def create_app(settings: ServeSettings, engine=None):
         tempfile.tempdir = str(private)  # where Starlette spools large uploads
         eng = engine or Engine(settings.engine, device=settings.device)
         state["engine"] = eng
-        state["batcher"] = Batcher(eng, settings, metrics)
+        state["metrics"] = Metrics()
+        state["batcher"] = Batcher(eng, settings, state["metrics"])
         state["batcher"].start()
         try:
             yield
@@ -198,6 +198,7 @@ def create_app(settings: ServeSettings, engine=None):
     app = FastAPI(title="salmonn-export serve", version="1", lifespan=lifespan)
 
     def error(endpoint: str, status: int, message: str, reason: str, headers: dict | None = None):
+        metrics = state["metrics"]
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.errors.labels(reason).inc()
         body = {"error": {"message": message, "type": reason, "code": status}}
@@ -237,8 +238,8 @@ def create_app(settings: ServeSettings, engine=None):
             return error(endpoint, 504, f"not finished within {settings.request_timeout_s:g} s", "timeout")
         except Exception as exc:
             return error(endpoint, 500, f"inference failed: {type(exc).__name__}: {exc}", "inference_error")
-        metrics.latency.observe(time.perf_counter() - start)
-        metrics.requests.labels(endpoint, "200").inc()
+        state["metrics"].latency.observe(time.perf_counter() - start)
+        state["metrics"].requests.labels(endpoint, "200").inc()
         if response_format == "text":
             return PlainTextResponse(text)
         if response_format == "verbose_json":
@@ -266,7 +267,7 @@ def create_app(settings: ServeSettings, engine=None):
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
