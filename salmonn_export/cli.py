@@ -142,8 +142,10 @@ def inspect(
     model: ModelOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Show a trained SALMONN's components, parameter counts, dtypes, LoRA setup, checkpoint contents
-    and every consistency problem found (exit 1 when there are problems) — or an engine bundle.
+    """Describe a trained SALMONN (or an engine bundle) and every consistency problem found.
+
+    Components, parameter counts, dtypes, LoRA setup, checkpoint contents; exit 1 when there are
+    problems. Given an ENGINE folder, shows its manifest instead.
 
     Example: salmonn-export inspect --model path/to/config.yaml
     Example: salmonn-export inspect engines/demo-w4a16
@@ -357,6 +359,7 @@ def verify(
     as_json: JsonOpt = False,
 ):
     """Prove parity: reference vs engine, stage by stage and end to end, against the recipe's thresholds.
+
     Exit code 1 when a threshold is missed.
 
     Example: salmonn-export verify engines/demo-w4a16 --report verify.json
@@ -417,8 +420,10 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result JSON here.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table here.")] = None,
 ):
-    """Measure TTFT, TPOT, memory and per-stage times with the challenge's protocol, engines and the
-    reference interleaved in one run, with engine/reference ratios and a memory-bandwidth roofline.
+    """Measure TTFT, TPOT, memory and stage times with the challenge's protocol, engines beside the reference.
+
+    Engines and the reference are interleaved in one run, with engine/reference ratios and a
+    memory-bandwidth roofline.
 
     Example: salmonn-export bench engines/demo-w4a16 --warmup 2 --iters 10 --json bench.json
     """
@@ -516,9 +521,10 @@ def eval_cmd(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ):
-    """Run an engine (or the reference) over a test set and write a submission CSV, scored when the
-    annotation has references. Resumable: rerun the same command after an interruption. With --ray the
-    same batches run on a Ray cluster and the CSV is identical.
+    """Run an engine (or the reference) over a test set into a submission CSV, scored when references exist.
+
+    Resumable: rerun the same command after an interruption. With --ray the same batches run on a
+    Ray cluster and the CSV is identical.
 
     Example: salmonn-export eval --task asr --engine engines/demo-w4a16 --annotation data/ann.json --out sub.csv
     """
@@ -635,8 +641,10 @@ def validate_submission_cmd(
     task: Annotated[str | None, typer.Option(help="With --annotation: only that task's items (asr | aac).")] = None,
     as_json: JsonOpt = False,
 ):
-    """Apply the challenge validator's rules (columns, ids, string texts) and more (duplicates, ids
-    missing from or unknown to the annotation). Exit 1 when invalid.
+    """Check a submission CSV with the challenge validator's rules and more.
+
+    Columns, ids and string texts as the validator does, plus duplicate ids and ids missing from or
+    unknown to the annotation. Exit 1 when invalid.
 
     Example: salmonn-export validate-submission sub.csv --annotation ann.json --task asr
     """
