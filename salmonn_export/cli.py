@@ -416,6 +416,12 @@ def bench(
     iters: Annotated[int, typer.Option(help="Timed iterations (challenge: 100).")] = 100,
     stage_iters: Annotated[int, typer.Option(help="Timed iterations per stage.")] = 10,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Peak RSS per system in a subprocess.")] = True,
+    batch_sizes: Annotated[str, typer.Option(help="Throughput batch sizes (greedy, --new-tokens each); empty = skip.")] = "1,4",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per clip for the throughput runs.")] = 16,
+    generation: Annotated[bool, typer.Option("--generation/--no-generation", help="Throughput, full beam-search "
+                                                                                 "answer and clip end-to-end runs.")] = True,
+    clip: Annotated[Path | None, typer.Option(help="Real clip for the end-to-end latency (default: a demo clip).")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here (needs matplotlib).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise clip (the challenge's is unseeded).")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result JSON here.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table here.")] = None,
@@ -435,8 +441,10 @@ def bench(
         markdown,
         measure_memory_subprocess,
         memory_bandwidth_gbs,
+        plot,
         ratios,
         roofline,
+        run_generation,
         run_protocol,
         run_stages,
     )
@@ -470,12 +478,27 @@ def bench(
         for s, target in zip(systems, ([str(config)] if reference else []) + [str(b) for b in bundles]):
             mem[s.name] = measure_memory_subprocess("reference" if s.name == "reference" else "engine", target,
                                                     audio_seconds)
+    generation_result = None
+    if generation:
+        try:
+            sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise SalmonnError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+        if any(b < 1 for b in sizes) or new_tokens < 1:
+            raise SalmonnError("batch sizes and --new-tokens must be >= 1")
+        if clip is None:
+            from salmonn_export.model.demo import demo_clips
+
+            clip = demo_clips("asr")[0]
+        with err.status("throughput, beam search and end-to-end runs..."):
+            generation_result = run_generation(systems, wave, str(clip) if clip else None, sizes, new_tokens,
+                                               repeats=2)
     context = 100  # prompt + 88 speech tokens, about what the first decode step sees
     result = {
         "settings": {"audio_seconds": audio_seconds, "warmup": warmup, "iters": iters, "stage_iters": stage_iters,
                      "seed": seed, "batch": 1},
         "machine": machine(), "protocol": protocol, "ratios": ratios(protocol, "reference"), "stages": stages,
-        "memory": mem, "bandwidth_gbs": bandwidth,
+        "memory": mem, "bandwidth_gbs": bandwidth, "generation": generation_result,
         "weights_mb": {s.name: s.weight_bytes / 1e6 for s in systems},
         "decoder_weight_mb": {s.name: s.decoder_bytes / 1e6 for s in systems},
         "roofline": {s.name: roofline(s, protocol[s.name]["tpot"]["median"], context, bandwidth) for s in systems},
@@ -487,6 +510,10 @@ def bench(
 
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_out, result)
+    if plot_out:
+        why_not = plot(result, plot_out)
+        if why_not:
+            err.print(why_not)
     text = markdown(result)
     if markdown_out:
         markdown_out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,13 +51,19 @@ def test_bench_cli_on_a_tiny_bundle(tmp_path, tiny_dir):
     bundle = tmp_path / "fp32"
     build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=bundle))
     proc = run("bench", bundle, "--model", tiny_dir / "config.yaml", "--warmup", "1", "--iters", "2", "--stage-iters", "1",
-               "--audio-seconds", "2", "--no-memory", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md")
+               "--audio-seconds", "2", "--no-memory", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md",
+               "--batch-sizes", "1,2", "--new-tokens", "2", "--plot", tmp_path / "b.png")
     result = json.loads((tmp_path / "b.json").read_text())
     assert set(result["protocol"]) == {"reference", "engine:fp32"}
     assert result["protocol"]["reference"]["iterations"] == 2
     assert "engine:fp32" in result["ratios"] and result["bandwidth_gbs"] > 0
     assert set(result["stages"]["engine:fp32"]) >= {"whisper", "beats", "qformer_projection", "prefill"}
     assert (tmp_path / "b.md").read_text().startswith("# salmonn-export bench")
+    gen = result["generation"]["engine:fp32"]
+    assert set(gen["throughput"]) == {"1", "2"} and gen["throughput"]["2"]["clips_per_s"] > 0
+    assert 1 <= gen["throughput"]["2"]["generated_tokens"] <= 4  # 2 clips x at most 2 new tokens
+    assert gen["beam_search"]["generated_tokens"] >= 1 and gen["end_to_end_clip"]["seconds"] > 0
+    assert (tmp_path / "b.png").is_file() or "matplotlib is not installed" in proc.stderr
     assert proc.returncode == 0
     bad = run("bench", bundle, "--iters", "0", check=False)
     assert bad.returncode == 2 and "--iters >= 1" in bad.stderr

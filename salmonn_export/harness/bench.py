@@ -40,6 +40,10 @@ class System:
     weight_bytes: int
     decoder_bytes: int
     kv_bytes_per_token: int
+    # generate(waves, num_beams, max_new_tokens) -> generated token count (whole pipeline, audio in memory)
+    generate: Callable[[list[np.ndarray], int | None, int | None], int] | None = None
+    # transcribe(path) -> text: end to end from the audio file
+    transcribe: Callable[[str], str] | None = None
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -133,6 +137,64 @@ def run_stages(systems: list[System], warmup: int, iters: int) -> dict:
     return {name: {k: _summary(v) for k, v in stages.items()} for name, stages in results.items()}
 
 
+def run_generation(systems: list[System], wave: np.ndarray, clip: str | None, batch_sizes: list[int],
+                   new_tokens: int, repeats: int) -> dict:
+    """Throughput (clips/s, tokens/s) per batch size with greedy decoding of `new_tokens`; full-answer
+    beam search tokens/s with the model's own settings; end-to-end latency of a real clip. Best of
+    `repeats`, systems interleaved."""
+    out: dict = {s.name: {"throughput": {}, "beam_search": None, "end_to_end_clip": None} for s in systems}
+    for b in batch_sizes:
+        best = {s.name: (float("inf"), 0) for s in systems}
+        for _ in range(repeats):
+            for s in systems:
+                t0 = time.perf_counter()
+                tokens = s.generate([wave] * b, 1, new_tokens)
+                dt = time.perf_counter() - t0
+                if dt < best[s.name][0]:
+                    best[s.name] = (dt, tokens)
+        for s in systems:
+            dt, tokens = best[s.name]
+            out[s.name]["throughput"][str(b)] = {"seconds": dt, "clips_per_s": b / dt, "tokens_per_s": tokens / dt,
+                                                 "generated_tokens": tokens}
+    for s in systems:
+        t0 = time.perf_counter()
+        tokens = s.generate([wave], None, None)
+        dt = time.perf_counter() - t0
+        out[s.name]["beam_search"] = {"seconds": dt, "generated_tokens": tokens, "tokens_per_s": tokens / dt}
+        if clip and s.transcribe:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                s.transcribe(clip)
+                times.append(time.perf_counter() - t0)
+            out[s.name]["end_to_end_clip"] = {"clip": clip, "seconds": min(times)}
+    return out
+
+
+def plot(result: dict, path: Path) -> str | None:
+    """Bar charts of TTFT/TPOT/peak memory per system; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot written"
+    names = list(result["protocol"])
+    panels = [("TTFT (s)", [result["protocol"][n]["average_ttft_sec"] for n in names]),
+              ("TPOT (s)", [result["protocol"][n]["average_tpot_sec"] for n in names]),
+              ("peak RSS (GB)", [(result["memory"].get(n) or {}).get("average_memory_usage_gb") or 0 for n in names])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (title, values) in zip(axes, panels):
+        ax.bar(range(len(names)), values, color=["#777"] + ["#2a7"] * (len(names) - 1))
+        ax.set_xticks(range(len(names)), [n.replace("engine:", "") for n in names], rotation=30, ha="right")
+        ax.set_title(title)
+    fig.suptitle(f"salmonn-export bench — {result['machine'].get('cpu', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
 def ratios(protocol: dict, reference: str) -> dict:
     """engine / reference for every timing (below 1 means faster than the reference)."""
     if reference not in protocol:
@@ -188,6 +250,14 @@ def markdown(result: dict) -> str:
     for name, stages in result["stages"].items():
         for stage, s in stages.items():
             lines.append(f"| {name} | {stage} | {1000 * s['median']:.2f} |")
+    if result.get("generation"):
+        sizes = sorted({b for g in result["generation"].values() for b in g["throughput"]}, key=int)
+        lines += ["", "| system | " + " | ".join(f"batch {b} clips/s (tok/s)" for b in sizes)
+                  + " | beam search tok/s | clip end to end (s) |", "|---" * (len(sizes) + 3) + "|"]
+        for name, g in result["generation"].items():
+            cells = [f"{g['throughput'][b]['clips_per_s']:.2f} ({g['throughput'][b]['tokens_per_s']:.0f})" for b in sizes]
+            e2e = g["end_to_end_clip"]["seconds"] if g["end_to_end_clip"] else float("nan")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {g['beam_search']['tokens_per_s']:.1f} | {e2e:.3f} |")
     lines += ["", f"memory bandwidth (copy): {result['bandwidth_gbs']:.1f} GB/s", "",
               "| system | bytes / decode step | achieved GB/s | fraction of roofline |", "|---|---|---|---|"]
     for name, r in result["roofline"].items():

@@ -53,7 +53,25 @@ def engine_system(bundle: str | Path, wave: np.ndarray, name: str | None = None,
     }
     total, decoder = _file_bytes(Path(bundle), eng.manifest)
     kv = 2 * llm["layers"] * llm["kv_heads"] * llm["head_dim"] * 4
-    return System(name or f"engine:{eng.manifest['recipe']['name']}", ttft, tpot, stages, total, decoder, kv)
+
+    def generate(waves, num_beams, max_new_tokens):
+        speech = eng.encode_speech(waves)
+        embeds, mask = eng.prompt_wrap(speech, ["asr"] * len(waves))
+        ids = eng.generate_ids(embeds, mask, num_beams=num_beams, max_new_tokens=max_new_tokens)
+        return _count_tokens(ids, eng.manifest["generation"]["pad_token_id"])
+
+    return System(name or f"engine:{eng.manifest['recipe']['name']}", ttft, tpot, stages, total, decoder, kv,
+                  generate, lambda clip: eng.transcribe([clip], "asr")[0])
+
+
+def _count_tokens(ids, pad: int) -> int:
+    """Generated tokens, not counting the pad filling after a sequence ended (first pad/eos kept)."""
+    ids = np.asarray(ids)
+    total = 0
+    for row in ids:
+        hits = np.nonzero(row == pad)[0]
+        total += int(hits[0]) + 1 if len(hits) else len(row)
+    return total
 
 
 def reference_system(config: str | Path, wave: np.ndarray, device: str = "cpu") -> System:
@@ -98,7 +116,16 @@ def reference_system(config: str | Path, wave: np.ndarray, device: str = "cpu") 
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
-    return System("reference", ttft, tpot, stages, param_bytes, decoder, kv)
+
+    def generate(waves, num_beams, max_new_tokens):
+        b = model.make_batch(waves, ["asr"] * len(waves))
+        s = model.encode_speech(b)
+        e, a = model.prompt_wrap(s, model.prompts_for(["asr"] * len(waves)))
+        ids = model.generate_ids(e, a, num_beams=num_beams, max_new_tokens=max_new_tokens)
+        return _count_tokens(ids.numpy(), model.generation_kwargs()["pad_token_id"])
+
+    return System("reference", ttft, tpot, stages, param_bytes, decoder, kv, generate,
+                  lambda clip: model.transcribe([clip], "asr")[0])
 
 
 def memory_probe(kind: str, target: str, seconds: float, model: str | None = None) -> dict:
