@@ -158,3 +158,20 @@ def test_bad_recipes_and_outputs(tiny_dir, tmp_path, bundles):
     with pytest.raises(SalmonnError, match="beats.pt: BEATs checkpoint not found"):
         build_bundle(broken / "config.yaml", load_recipe("fp32"), BuildOptions(out=tmp_path / "never"))
     assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_trt_request_without_tensorrt_is_skipped_and_recorded(tiny_dir, tmp_path):
+    from salmonn_export.export.tensorrt import availability, profile_ranges
+    from salmonn_export.recipes import TrtSettings
+
+    ok, reason = availability()
+    if ok:
+        pytest.skip("TensorRT is installed here; this test covers machines without it")
+    report = build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=tmp_path / "b", trt=True))
+    manifest = read_manifest(report["bundle"])
+    assert manifest["tensorrt"] == {"status": "skipped", "reason": reason}
+    assert not list((tmp_path / "b").glob("*.engine"))  # never a placeholder engine
+    ranges = profile_ranges("beats", {"fbank": ["batch", "frames", 128], "padding_mask": ["batch", "tokens"]},
+                            TrtSettings(max_batch=4, max_beats_frames=2998))
+    assert ranges["fbank"] == ((1, 98, 128), (1, 998, 128), (4, 2998, 128))
+    assert ranges["padding_mask"] == ((1, 48), (1, 496), (4, 1496))
