@@ -1,0 +1,100 @@
+"""Hugging Face Optimum's ONNX Runtime model vs our decoders, same merged LLM, one interleaved run.
+
+Optimum's exporter (optimum-onnx) needs transformers 4.57, so this runs in its own venv with the
+repo on PYTHONPATH (our runtime needs only onnxruntime + numpy + tokenizers):
+
+    python3 -m venv /tmp/venv-optimum
+    /tmp/venv-optimum/bin/pip install torch==2.13.0 "transformers==4.57.6" optimum-onnx onnxruntime \
+        soundfile soxr platformdirs pyyaml
+    # the merged LLM as an HF folder (main venv):  merged_llm(load_salmonn(cfg)).save_pretrained(DIR)
+    /tmp/venv-optimum/bin/optimum-cli export onnx --model DIR --task text-generation-with-past OPT_DIR
+    PYTHONPATH=. /tmp/venv-optimum/bin/python benchmarks/peers/optimum_peer.py OPT_DIR BUNDLE... --json OUT
+
+Optimum's Llama export takes `input_ids` (no `inputs_embeds`), so its prefill is fed token ids of the
+same length as our audio-conditioned prompt; compute is the same for a given length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("optimum_dir")
+    ap.add_argument("bundles", nargs="*")
+    ap.add_argument("--prompt-tokens", type=int, default=109, help="prefill length (BOS + prompt + 88 speech)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from salmonn_export.runtime.engine import Engine
+    from salmonn_export.runtime.generation import positions_from_mask
+
+    model = ORTModelForCausalLM.from_pretrained(args.optimum_dir, use_cache=True, use_io_binding=False)
+    n = args.prompt_tokens
+    ids = torch.randint(0, model.config.vocab_size - 1, (1, n))
+    mask = torch.ones(1, n, dtype=torch.long)
+
+    def opt_prefill():
+        return model(input_ids=ids, attention_mask=mask, use_cache=True)
+
+    out = opt_prefill()
+    nxt = out.logits[:, -1:].argmax(-1)
+    mask2 = torch.ones(1, n + 1, dtype=torch.long)
+
+    def opt_decode():
+        t0 = time.perf_counter()
+        model(input_ids=nxt, attention_mask=mask2, past_key_values=out.past_key_values, use_cache=True)
+        return time.perf_counter() - t0
+
+    systems = [("optimum-ort", opt_prefill, opt_decode)]
+    rng = np.random.default_rng(0)
+    for b in args.bundles:
+        eng = Engine(b)
+        h = eng.manifest["llm"]["hidden"]
+        e = (rng.standard_normal((1, n, h)) * 0.02).astype(np.float32)
+        m = np.ones((1, n), dtype=np.int64)
+        logits, past = eng.decoder_step(e, m, positions_from_mask(m), None)
+        m2 = np.ones((1, n + 1), dtype=np.int64)
+        tok = logits[:, -1].argmax(-1)
+
+        def prefill(eng=eng, e=e, m=m):
+            eng.decoder_step(e, m, positions_from_mask(m), None)
+
+        def decode(eng=eng, tok=tok, m2=m2, past=past):
+            t0 = time.perf_counter()
+            eng.decoder_step(eng.embed(tok)[:, None, :], m2, positions_from_mask(m2)[:, -1:], past)
+            return time.perf_counter() - t0
+
+        systems.append((f"ours:{eng.manifest['recipe']['name']}", prefill, decode))
+    times = {name: {"prefill": [], "decode": []} for name, _, _ in systems}
+    for it in range(args.warmup + args.iters):
+        for name, prefill, decode in systems:
+            t0 = time.perf_counter()
+            prefill()
+            p = time.perf_counter() - t0
+            d = decode()
+            if it >= args.warmup:
+                times[name]["prefill"].append(p)
+                times[name]["decode"].append(d)
+    result = {"prompt_tokens": n, "iters": args.iters,
+              "systems": {k: {s: {"median_ms": 1000 * float(np.median(v))} for s, v in t.items()} for k, t in times.items()}}
+    for k, r in result["systems"].items():
+        print(f"{k:16s} prefill {r['prefill']['median_ms']:8.2f} ms   decode {r['decode']['median_ms']:7.2f} ms")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
