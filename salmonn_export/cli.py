@@ -422,6 +422,8 @@ def bench(
                                                                                  "answer and clip end-to-end runs.")] = True,
     clip: Annotated[Path | None, typer.Option(help="Real clip for the end-to-end latency (default: a demo clip).")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here (needs matplotlib).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: the reference under fp16 autocast with CUDA memory "
+                                             "figures, engines on the CUDA execution provider.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the noise clip (the challenge's is unseeded).")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result JSON here.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table here.")] = None,
@@ -453,6 +455,13 @@ def bench(
 
     if warmup < 0 or iters < 1 or stage_iters < 1 or audio_seconds <= 0 or audio_seconds > 30:
         raise SalmonnError("need --warmup >= 0, --iters >= 1, --stage-iters >= 1 and 0 < --audio-seconds <= 30")
+    if device not in ("cpu", "cuda"):
+        raise SalmonnError("--device must be cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if reference and not torch.cuda.is_available():
+            raise SalmonnError("--device cuda: no CUDA device is visible to this torch build")
     bundles = list(engines) if engines else [_engine_path(None)]
     wave = np.random.default_rng(seed).standard_normal(int(16000 * audio_seconds))
     systems = []
@@ -460,10 +469,10 @@ def bench(
     if reference:
         if config is None:
             config = Path(Engine(bundles[0], verify_hashes=False).manifest["source"]["config"])
-        systems.append(reference_system(config, wave))
+        systems.append(reference_system(config, wave, device))
     names = set()
     for b in bundles:
-        system = engine_system(b, wave)
+        system = engine_system(b, wave, device=device)
         if system.name in names:
             system.name = f"{system.name}@{b}"
         names.add(system.name)
@@ -477,7 +486,7 @@ def bench(
     if memory:
         for s, target in zip(systems, ([str(config)] if reference else []) + [str(b) for b in bundles]):
             mem[s.name] = measure_memory_subprocess("reference" if s.name == "reference" else "engine", target,
-                                                    audio_seconds)
+                                                    audio_seconds, device)
     generation_result = None
     if generation:
         try:
@@ -496,7 +505,7 @@ def bench(
     context = 100  # prompt + 88 speech tokens, about what the first decode step sees
     result = {
         "settings": {"audio_seconds": audio_seconds, "warmup": warmup, "iters": iters, "stage_iters": stage_iters,
-                     "seed": seed, "batch": 1},
+                     "seed": seed, "batch": 1, "device": device},
         "machine": machine(), "protocol": protocol, "ratios": ratios(protocol, "reference"), "stages": stages,
         "memory": mem, "bandwidth_gbs": bandwidth, "generation": generation_result,
         "weights_mb": {s.name: s.weight_bytes / 1e6 for s in systems},

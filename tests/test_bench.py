@@ -67,3 +67,10 @@ def test_bench_cli_on_a_tiny_bundle(tmp_path, tiny_dir):
     assert proc.returncode == 0
     bad = run("bench", bundle, "--iters", "0", check=False)
     assert bad.returncode == 2 and "--iters >= 1" in bad.stderr
+    bad = run("bench", bundle, "--device", "tpu", check=False)
+    assert bad.returncode == 2 and "--device must be cpu or cuda" in bad.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        bad = run("bench", bundle, "--model", tiny_dir / "config.yaml", "--device", "cuda", check=False)
+        assert bad.returncode == 2 and "no CUDA device" in bad.stderr

@@ -217,11 +217,11 @@ def roofline(system: System, tpot_seconds: float, context_tokens: int, bandwidth
             "fraction_of_roofline": achieved / bandwidth_gbs}
 
 
-def measure_memory_subprocess(kind: str, target: str, seconds: float, model: str | None = None) -> dict:
-    """Peak RSS of one system alone: load + 3 protocol iterations in a fresh interpreter."""
+def measure_memory_subprocess(kind: str, target: str, seconds: float, device: str = "cpu") -> dict:
+    """Peak memory of one system alone: load + 3 protocol iterations in a fresh interpreter."""
     code = (
         "import json,sys; from salmonn_export.harness.bench_systems import memory_probe; "
-        f"print(json.dumps(memory_probe({kind!r}, {target!r}, {seconds!r}, {model!r})))"
+        f"print(json.dumps(memory_probe({kind!r}, {target!r}, {seconds!r}, {device!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -234,13 +234,13 @@ def markdown(result: dict) -> str:
     lines = ["# salmonn-export bench", "", f"machine: {result['machine'].get('cpu', '?')}, {result['machine']['cpus']} cpus; "
              f"audio {result['settings']['audio_seconds']} s, warm-up {result['settings']['warmup']}, "
              f"iterations {result['settings']['iters']}", "",
-             "| system | TTFT mean (s) | TPOT mean (s) | TPOT median (s) | inference (s) | peak RSS (GB) | weights (MB) |",
+             "| system | TTFT mean (s) | TPOT mean (s) | TPOT median (s) | inference (s) | peak memory (GB) | weights (MB) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in result["protocol"].items():
-        mem = result["memory"].get(name, {})
+        peak = (result["memory"].get(name) or {}).get("average_memory_usage_gb")
+        peak_text = f"{peak:.3f}" if isinstance(peak, (int, float)) else "n/a"
         lines.append(f"| {name} | {r['average_ttft_sec']:.4f} | {r['average_tpot_sec']:.4f} | {r['tpot']['median']:.4f} | "
-                     f"{r['average_inference_time_sec']:.4f} | {mem.get('average_memory_usage_gb', float('nan')):.3f} | "
-                     f"{result['weights_mb'][name]:.1f} |")
+                     f"{r['average_inference_time_sec']:.4f} | {peak_text} | {result['weights_mb'][name]:.1f} |")
     if result["ratios"]:
         lines += ["", "| engine / reference | TTFT | TPOT | inference | median TPOT |", "|---|---|---|---|---|"]
         for name, r in result["ratios"].items():
