@@ -509,6 +509,7 @@ def bench(
         "machine": machine(), "protocol": protocol, "ratios": ratios(protocol, "reference"), "stages": stages,
         "memory": mem, "bandwidth_gbs": bandwidth, "generation": generation_result,
         "weights_mb": {s.name: s.weight_bytes / 1e6 for s in systems},
+        "sizes_mb_by_component": {s.name: s.sizes_mb for s in systems},
         "decoder_weight_mb": {s.name: s.decoder_bytes / 1e6 for s in systems},
         "roofline": {s.name: roofline(s, protocol[s.name]["tpot"]["median"], context, bandwidth) for s in systems},
     }

@@ -59,6 +59,8 @@ def test_bench_cli_on_a_tiny_bundle(tmp_path, tiny_dir):
     assert "engine:fp32" in result["ratios"] and result["bandwidth_gbs"] > 0
     assert set(result["stages"]["engine:fp32"]) >= {"whisper", "beats", "qformer_projection", "prefill"}
     assert (tmp_path / "b.md").read_text().startswith("# salmonn-export bench")
+    assert set(result["sizes_mb_by_component"]["engine:fp32"]) >= {"whisper_encoder", "beats", "qformer", "decoder"}
+    assert result["sizes_mb_by_component"]["reference"]["llm"] > 0
     gen = result["generation"]["engine:fp32"]
     assert set(gen["throughput"]) == {"1", "2"} and gen["throughput"]["2"]["clips_per_s"] > 0
     assert 1 <= gen["throughput"]["2"]["generated_tokens"] <= 4  # 2 clips x at most 2 new tokens

@@ -44,6 +44,7 @@ class System:
     generate: Callable[[list[np.ndarray], int | None, int | None], int] | None = None
     # transcribe(path) -> text: end to end from the audio file
     transcribe: Callable[[str], str] | None = None
+    sizes_mb: dict[str, float] | None = None  # weight size by component
 
 
 def _summary(times: list[float]) -> dict[str, float]:

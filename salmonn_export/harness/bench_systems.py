@@ -61,8 +61,9 @@ def engine_system(bundle: str | Path, wave: np.ndarray, name: str | None = None,
         ids = eng.generate_ids(embeds, mask, num_beams=num_beams, max_new_tokens=max_new_tokens)
         return _count_tokens(ids, eng.manifest["generation"]["pad_token_id"])
 
+    sizes = {k: v / 1e6 for k, v in eng.manifest.get("sizes", {}).items()}
     return System(name or f"engine:{eng.manifest['recipe']['name']}", ttft, tpot, stages, total, decoder, kv,
-                  generate, lambda clip: eng.transcribe([clip], "asr")[0])
+                  generate, lambda clip: eng.transcribe([clip], "asr")[0], sizes)
 
 
 def _count_tokens(ids, pad: int) -> int:
@@ -136,8 +137,15 @@ def reference_system(config: str | Path, wave: np.ndarray, device: str = "cpu") 
         ids = model.generate_ids(e, a, num_beams=num_beams, max_new_tokens=max_new_tokens)
         return _count_tokens(ids.numpy(), model.generation_kwargs()["pad_token_id"])
 
+    def mb(module) -> float:
+        return sum(p.numel() * p.element_size() for p in module.parameters()) / 1e6
+
+    sizes = {"whisper_encoder": mb(model.speech_encoder), "qformer": mb(model.speech_Qformer) + mb(model.speech_llama_proj),
+             "llm": mb(lm)}
+    if model.beats is not None:
+        sizes["beats"] = mb(model.beats)
     return System("reference", ttft, tpot, stages, param_bytes, decoder, kv, generate,
-                  lambda clip: model.transcribe([clip], "asr")[0])
+                  lambda clip: model.transcribe([clip], "asr")[0], sizes)
 
 
 def memory_probe(kind: str, target: str, seconds: float, device: str = "cpu") -> dict:
