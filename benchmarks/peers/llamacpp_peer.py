@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleave, ours, report  # noqa: E402
+
 
 def convert(hf_dir: Path, src: Path, out: Path) -> Path:
     if out.is_file():
@@ -100,44 +103,10 @@ def main():
             return time.perf_counter() - t0
 
         systems.append((name, prefill, decode, path.stat().st_size))
-    from salmonn_export.runtime.engine import Engine
-    from salmonn_export.runtime.generation import positions_from_mask
-
-    for b in args.bundles:
-        eng = Engine(b)
-        e = (rng.standard_normal((1, n, eng.manifest["llm"]["hidden"])) * 0.02).astype(np.float32)
-        m = np.ones((1, n), dtype=np.int64)
-        logits, past = eng.decoder_step(e, m, positions_from_mask(m), None)
-        m2 = np.ones((1, n + 1), dtype=np.int64)
-        tok = logits[:, -1].argmax(-1)
-
-        def prefill(eng=eng, e=e, m=m):
-            eng.decoder_step(e, m, positions_from_mask(m), None)
-
-        def decode(eng=eng, tok=tok, m2=m2, past=past):
-            t0 = time.perf_counter()
-            eng.decoder_step(eng.embed(tok)[:, None, :], m2, positions_from_mask(m2)[:, -1:], past)
-            return time.perf_counter() - t0
-
-        size = (Path(b) / eng.manifest["components"]["decoder"]["data_file"]).stat().st_size
-        systems.append((f"ours {eng.manifest['recipe']['name']}", prefill, decode, size))
-    times = {name: {"prefill": [], "decode": []} for name, *_ in systems}
-    for it in range(args.warmup + args.iters):
-        for name, prefill, decode, _ in systems:
-            t0 = time.perf_counter()
-            prefill()
-            p = time.perf_counter() - t0
-            d = decode()
-            if it >= args.warmup:
-                times[name]["prefill"].append(p)
-                times[name]["decode"].append(d)
+    systems += [ours(b, n, rng) for b in args.bundles]
     result = {"prompt_tokens": n, "iters": args.iters, "threads": args.threads, "llama_cpp_python": llama_cpp.__version__,
-              "systems": {name: {"prefill_median_ms": 1000 * float(np.median(times[name]["prefill"])),
-                                 "decode_median_ms": 1000 * float(np.median(times[name]["decode"])),
-                                 "weights_mb": size / 1e6} for name, _, _, size in systems}}
-    for name, r in result["systems"].items():
-        print(f"{name:18s} prefill {r['prefill_median_ms']:8.2f} ms   decode {r['decode_median_ms']:7.2f} ms   "
-              f"weights {r['weights_mb']:7.1f} MB")
+              "systems": interleave(systems, args.warmup, args.iters)}
+    report(result["systems"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

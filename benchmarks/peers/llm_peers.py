@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleave, ours, report  # noqa: E402
+
 from salmonn_export.model.salmonn import load_salmonn  # noqa: E402
-from salmonn_export.runtime.engine import Engine  # noqa: E402
-from salmonn_export.runtime.generation import positions_from_mask  # noqa: E402
 from salmonn_export.transforms.lora import merged_llm  # noqa: E402
 
 
@@ -45,25 +46,8 @@ def torch_system(name, lm, embeds, mask):
         lm(input_ids=token, past_key_values=cache, use_cache=True)
         return time.perf_counter() - t0
 
-    return name, prefill, decode
-
-
-def ort_system(bundle, embeds, mask):
-    eng = Engine(bundle)
-    e, m = embeds.numpy(), mask.numpy()
-    logits, past = eng.decoder_step(e, m, positions_from_mask(m), None)
-    token = logits[:, -1].argmax(-1)
-    m2 = np.concatenate([m, np.ones((1, 1), dtype=m.dtype)], axis=1)
-
-    def prefill():
-        eng.decoder_step(e, m, positions_from_mask(m), None)
-
-    def decode():
-        t0 = time.perf_counter()
-        eng.decoder_step(eng.embed(token)[:, None, :], m2, positions_from_mask(m2)[:, -1:], past)
-        return time.perf_counter() - t0
-
-    return f"ort:{eng.manifest['recipe']['name']}", prefill, decode
+    size = sum(p.numel() * p.element_size() for p in lm.parameters())
+    return name, prefill, decode, size
 
 
 def main():
@@ -86,26 +70,14 @@ def main():
         compiled = copy.deepcopy(lm)
         compiled.forward = torch.compile(compiled.forward, dynamic=True)
         systems.append(torch_system("torch-compile", compiled, embeds, mask))
-    systems += [ort_system(b, embeds, mask) for b in args.bundles]
-    times = {name: {"prefill": [], "decode": []} for name, _, _ in systems}
-    for it in range(args.warmup + args.iters):
-        for name, prefill, decode in systems:
-            t0 = time.perf_counter()
-            prefill()
-            p = time.perf_counter() - t0
-            d = decode()
-            if it >= args.warmup:
-                times[name]["prefill"].append(p)
-                times[name]["decode"].append(d)
+    systems += [ours(b, embeds.shape[1], np.random.default_rng(0)) for b in args.bundles]
     result = {"prompt_tokens": int(embeds.shape[1]), "iters": args.iters, "threads": torch.get_num_threads(),
-              "systems": {n: {k: {"median_ms": 1000 * float(np.median(v)), "min_ms": 1000 * float(np.min(v))}
-                              for k, v in t.items()} for n, t in times.items()}}
+              "systems": interleave(systems, args.warmup, args.iters)}
     base = result["systems"]["torch-eager"]
-    for name, r in result["systems"].items():
-        r["prefill_speedup_vs_eager"] = base["prefill"]["median_ms"] / r["prefill"]["median_ms"]
-        r["decode_speedup_vs_eager"] = base["decode"]["median_ms"] / r["decode"]["median_ms"]
-        print(f"{name:16s} prefill {r['prefill']['median_ms']:8.2f} ms ({r['prefill_speedup_vs_eager']:.2f}x)   "
-              f"decode {r['decode']['median_ms']:7.2f} ms ({r['decode_speedup_vs_eager']:.2f}x)")
+    for r in result["systems"].values():
+        r["prefill_speedup_vs_eager"] = base["prefill_median_ms"] / r["prefill_median_ms"]
+        r["decode_speedup_vs_eager"] = base["decode_median_ms"] / r["decode_median_ms"]
+    report(result["systems"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleave, ours, report  # noqa: E402
 
 
 def main():
@@ -36,9 +40,6 @@ def main():
 
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
-
-    from salmonn_export.runtime.engine import Engine
-    from salmonn_export.runtime.generation import positions_from_mask
 
     model = ORTModelForCausalLM.from_pretrained(args.optimum_dir, use_cache=True, use_io_binding=False)
     n = args.prompt_tokens
@@ -57,40 +58,12 @@ def main():
         model(input_ids=nxt, attention_mask=mask2, past_key_values=out.past_key_values, use_cache=True)
         return time.perf_counter() - t0
 
-    systems = [("optimum-ort", opt_prefill, opt_decode)]
+    size = sum(f.stat().st_size for f in Path(args.optimum_dir).glob("model.onnx*"))
+    systems = [("optimum-ort", opt_prefill, opt_decode, size)]
     rng = np.random.default_rng(0)
-    for b in args.bundles:
-        eng = Engine(b)
-        h = eng.manifest["llm"]["hidden"]
-        e = (rng.standard_normal((1, n, h)) * 0.02).astype(np.float32)
-        m = np.ones((1, n), dtype=np.int64)
-        logits, past = eng.decoder_step(e, m, positions_from_mask(m), None)
-        m2 = np.ones((1, n + 1), dtype=np.int64)
-        tok = logits[:, -1].argmax(-1)
-
-        def prefill(eng=eng, e=e, m=m):
-            eng.decoder_step(e, m, positions_from_mask(m), None)
-
-        def decode(eng=eng, tok=tok, m2=m2, past=past):
-            t0 = time.perf_counter()
-            eng.decoder_step(eng.embed(tok)[:, None, :], m2, positions_from_mask(m2)[:, -1:], past)
-            return time.perf_counter() - t0
-
-        systems.append((f"ours:{eng.manifest['recipe']['name']}", prefill, decode))
-    times = {name: {"prefill": [], "decode": []} for name, _, _ in systems}
-    for it in range(args.warmup + args.iters):
-        for name, prefill, decode in systems:
-            t0 = time.perf_counter()
-            prefill()
-            p = time.perf_counter() - t0
-            d = decode()
-            if it >= args.warmup:
-                times[name]["prefill"].append(p)
-                times[name]["decode"].append(d)
-    result = {"prompt_tokens": n, "iters": args.iters,
-              "systems": {k: {s: {"median_ms": 1000 * float(np.median(v))} for s, v in t.items()} for k, t in times.items()}}
-    for k, r in result["systems"].items():
-        print(f"{k:16s} prefill {r['prefill']['median_ms']:8.2f} ms   decode {r['decode']['median_ms']:7.2f} ms")
+    systems += [ours(b, n, rng) for b in args.bundles]
+    result = {"prompt_tokens": n, "iters": args.iters, "systems": interleave(systems, args.warmup, args.iters)}
+    report(result["systems"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
