@@ -58,7 +58,13 @@ def interleave(systems: list[PeerSystem], warmup: int, iters: int) -> dict[str, 
                    "weights_mb": sizes[name] / 1e6} for name, t in times.items()}
 
 
-def report(result: dict) -> None:
-    for name, r in result.items():
+def report(result: dict, json_path: Path | None) -> None:
+    """Print one line per system; write the whole result as JSON when a path is given."""
+    import json
+
+    for name, r in result["systems"].items():
         print(f"{name:18s} prefill {r['prefill_median_ms']:8.2f} ms   decode {r['decode_median_ms']:7.2f} ms   "
               f"weights {r['weights_mb']:7.1f} MB")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))

@@ -106,10 +106,7 @@ def main():
     systems += [ours(b, n, rng) for b in args.bundles]
     result = {"prompt_tokens": n, "iters": args.iters, "threads": args.threads, "llama_cpp_python": llama_cpp.__version__,
               "systems": interleave(systems, args.warmup, args.iters)}
-    report(result["systems"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    report(result, args.json)
 
 
 if __name__ == "__main__":

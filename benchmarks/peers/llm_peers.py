@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -77,10 +76,7 @@ def main():
     for r in result["systems"].values():
         r["prefill_speedup_vs_eager"] = base["prefill_median_ms"] / r["prefill_median_ms"]
         r["decode_speedup_vs_eager"] = base["decode_median_ms"] / r["decode_median_ms"]
-    report(result["systems"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    report(result, args.json)
 
 
 if __name__ == "__main__":

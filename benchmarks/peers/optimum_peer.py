@@ -17,7 +17,6 @@ same length as our audio-conditioned prompt; compute is the same for a given len
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -63,10 +62,7 @@ def main():
     rng = np.random.default_rng(0)
     systems += [ours(b, n, rng) for b in args.bundles]
     result = {"prompt_tokens": n, "iters": args.iters, "systems": interleave(systems, args.warmup, args.iters)}
-    report(result["systems"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    report(result, args.json)
 
 
 if __name__ == "__main__":
