@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from salmonn_export.errors import SalmonnError
+from salmonn_export.tasks import TASK_KEYS
 
-TASK_KEYS = {"asr": "asr", "aac": "audiocaption_v2"}
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
@@ -24,11 +24,6 @@ def audio_files(folder: str | Path) -> list[Path]:
     if not files:
         raise SalmonnError("no audio files in this folder", folder)
     return files
-
-
-def short_task(task_key: str) -> str:
-    """Annotation task key → command-line task name (`audiocaption_v2` → `aac`)."""
-    return {v: k for k, v in TASK_KEYS.items()}.get(task_key, task_key)
 
 
 @dataclass

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from salmonn_export.audio import load_audio
-from salmonn_export.dataset import audio_files, read_annotation, short_task
+from salmonn_export.dataset import audio_files, read_annotation
 from salmonn_export.errors import SalmonnError
 from salmonn_export.harness.metrics import word_errors
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import recipe_from_dict
 from salmonn_export.runtime.engine import Engine
 from salmonn_export.runtime.generation import positions_from_mask
+from salmonn_export.tasks import short_task
 
 
 @dataclass
@@ -118,7 +119,7 @@ def verify(reference: SALMONN, engine: Engine, items: list[Item], progress: Call
         "stages": {k: _merge_stats(v) for k, v in stages.items() if v},
         "first_token": {"mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)), "top1_agreement": float(np.mean(top1))},
         "end_to_end": {"exact_match": float(np.mean(exact)), "token_agreement": float(np.mean(agree)),
-                       "wer_engine_vs_reference": _wer([t for t in ref_texts], eng_texts)},
+                       "wer_engine_vs_reference": _wer(ref_texts, eng_texts)},
         "rows": rows,
     }
     if all(t is not None for t in truths):

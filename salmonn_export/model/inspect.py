@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from salmonn_export.errors import SalmonnError
 from salmonn_export.model.config import load_config
 from salmonn_export.model.qformer import num_windows
 from salmonn_export.model.salmonn import SALMONN
@@ -113,5 +112,3 @@ def inspect_model(config_path: str | Path) -> dict:
     report["total_params"] = sum(c["params"] for c in report["components"].values() if c and "params" in c)
     return report
 
-
-__all__ = ["inspect_model", "consistency_problems", "SalmonnError"]

@@ -1,7 +1,6 @@
 """Task prompts: the challenge's `test_prompt.json` (shipped), or the config's `test_prompt_path`.
 
-Task names on the command line: `asr` and `aac` (= the challenge's `audiocaption_v2` key), or
-any key of the prompt file.
+Task names and templating live in `salmonn_export.tasks` (shared with the runtime).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from pathlib import Path
 from salmonn_export.errors import SalmonnError
 
 SPEECH_PLACEHOLDER = "<SpeechHere>"
-TASK_ALIASES = {"aac": "audiocaption_v2"}
 
 
 def builtin_test_prompts() -> dict[str, str]:
@@ -39,16 +37,3 @@ def load_prompt_file(path: str | Path) -> dict[str, str]:
             raise SalmonnError(f"prompt for task `{task}` has no {SPEECH_PLACEHOLDER}", path)
         prompts[task] = value
     return prompts
-
-
-def task_key(task: str) -> str:
-    return TASK_ALIASES.get(task, task)
-
-
-def templated_prompt(prompts: dict[str, str], task: str, template: str) -> str:
-    """`prompt_template.format(test_prompt[task])`; `{}` placeholders stay unfilled, as in evaluate_salmonn."""
-    key = task_key(task)
-    if key not in prompts:
-        raise SalmonnError(f"unknown task `{task}`; known: asr, aac, " + ", ".join(sorted(prompts)))
-    prompt = prompts[key]
-    return template.format(prompt) if template else prompt

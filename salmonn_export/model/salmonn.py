@@ -21,15 +21,11 @@ from salmonn_export.errors import SalmonnError
 from salmonn_export.model.beats import load_beats
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.llm import BNB_SUFFIXES, apply_lora, load_base_llm, load_tokenizer, resize_with_mean_rows
-from salmonn_export.model.prompts import (
-    SPEECH_PLACEHOLDER,
-    builtin_test_prompts,
-    load_prompt_file,
-    templated_prompt,
-)
+from salmonn_export.model.prompts import SPEECH_PLACEHOLDER, builtin_test_prompts, load_prompt_file
 from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer, qformer_windows, window_size
 from salmonn_export.model.weights import torch_load
 from salmonn_export.model.whisper import load_feature_extractor, load_whisper_encoder, whisper_features
+from salmonn_export.tasks import templated_prompt
 
 BEATS_SHARED_BIAS = "beats.encoder.layers.{}.self_attn.relative_attention_bias.weight"
 

@@ -19,6 +19,7 @@ from salmonn_export.errors import SalmonnError
 from salmonn_export.export.manifest import read_manifest
 from salmonn_export.runtime.features import beats_inputs, whisper_log_mel
 from salmonn_export.runtime.generation import GenerationSettings, generate
+from salmonn_export.tasks import templated_prompt
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -147,10 +148,7 @@ class Engine:
 
     def prompt(self, task: str) -> str:
         p = self.manifest["prompts"]
-        key = {"aac": "audiocaption_v2"}.get(task, task)
-        if key not in p["test_prompts"]:
-            raise SalmonnError(f"unknown task `{task}`; known: asr, aac, " + ", ".join(sorted(p["test_prompts"])))
-        return p["template"].format(p["test_prompts"][key]) if p["template"] else p["test_prompts"][key]
+        return templated_prompt(p["test_prompts"], task, p["template"])
 
     def prompt_wrap(self, speech: np.ndarray, tasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """BOS + emb(p_before) + speech + emb(p_after right-padded with [PAD]); mask."""

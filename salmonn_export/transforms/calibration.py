@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from salmonn_export.audio import load_audio
-from salmonn_export.dataset import audio_files, read_annotation, short_task
+from salmonn_export.dataset import audio_files, read_annotation
 from salmonn_export.errors import SalmonnError
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Calibration
+from salmonn_export.tasks import short_task
 
 
 @dataclass

@@ -174,7 +174,7 @@ def quantize_model(
             accumulators = {n: HessianAccumulator(linears[n].in_features) for n in names}
             handles = [linears[n].register_forward_hook(accumulators[n].hook) for n in names]
             for kwargs in calibration:
-                _forward_until(model, kwargs)
+                model(**kwargs, use_cache=False)
             for h in handles:
                 h.remove()
             hessians = {n: a.hessian for n, a in accumulators.items()}
@@ -221,10 +221,6 @@ class HessianAccumulator:
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     inner = model.model if hasattr(model, "model") else model
     return list(inner.layers)
-
-
-def _forward_until(model: nn.Module, kwargs: dict[str, torch.Tensor]) -> None:
-    model(**kwargs, use_cache=False)
 
 
 @torch.no_grad()
