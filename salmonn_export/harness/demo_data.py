@@ -14,9 +14,8 @@ import numpy as np
 import soundfile as sf
 
 from salmonn_export.audio import resample
-from salmonn_export.errors import SalmonnError
 from salmonn_export.files import atomic_dir
-from salmonn_export.model.synth import speak
+from salmonn_export.model.synth import scene_event, speak
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -32,26 +31,6 @@ SENTENCES = [
 ]
 VOICES = [("en-us", 160), ("en-gb", 140), ("en-us", 185), ("en-gb-x-rp", 170), ("en", 150)]
 RATES = [16000, 22050, 16000, 44100, 8000]
-
-
-def _scene(kind: str, seconds: float, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    t = np.arange(int(seconds * sr)) / sr
-    if kind == "tone":
-        f = float(rng.choice([220, 440, 880]))
-        return 0.4 * np.sin(2 * np.pi * f * t), f"A steady {'low' if f < 300 else 'high' if f > 600 else 'mid'} pitched tone"
-    if kind == "chirp_up":
-        return 0.4 * np.sin(2 * np.pi * (200 * t + 900 * t**2 / seconds)), "A tone rising quickly in pitch"
-    if kind == "chirp_down":
-        return 0.4 * np.sin(2 * np.pi * (2000 * t - 900 * t**2 / seconds)), "A whistle falling in pitch"
-    if kind == "noise_bursts":
-        gate = (np.floor(t * 2) % 2 == 0).astype(float)
-        return 0.3 * gate * rng.standard_normal(t.shape), "Short bursts of loud static noise"
-    if kind == "beeps":
-        gate = (np.floor(t * 6) % 2 == 0).astype(float)
-        return 0.4 * gate * np.sin(2 * np.pi * 1000 * t), "Rapid electronic beeping in a steady rhythm"
-    if kind == "hum_noise":
-        return 0.2 * np.sin(2 * np.pi * 60 * t) + 0.05 * rng.standard_normal(t.shape), "A low electrical hum with faint hiss"
-    raise SalmonnError(f"unknown scene {kind}")
 
 
 SCENES = ["tone", "chirp_up", "chirp_down", "noise_bursts", "beeps", "hum_noise"]
@@ -78,7 +57,8 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, force: bool = False) -> 
             items.append({"testset_id": f"test{len(items):04d}", "path": f"asr/{path.name}", "task": "asr",
                           "text": sentence.capitalize() + "."})
         for i, kind in enumerate(SCENES * 2):
-            wave, caption = _scene(kind, float(rng.uniform(2.0, 6.0)), 16000, rng)
+            wave, phrase = scene_event(kind, float(rng.uniform(2.0, 6.0)), 16000, rng)
+            caption = phrase.capitalize()
             path = tmp / "aac" / f"scene_{i:02d}.wav"
             sf.write(path, wave, 16000, subtype="PCM_16")
             items.append({"testset_id": f"test{len(items):04d}", "path": f"aac/{path.name}", "task": "audiocaption_v2",
