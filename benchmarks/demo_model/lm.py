@@ -1,0 +1,215 @@
+"""Stage 3: a tokenizer and a small Llama pre-trained on English text (the fortunes corpus).
+
+The tokenizer is byte-level BPE with the Llama-3 special tokens appended (same construction as
+the `tiny` preset). Sentences held out for ASR scoring are removed from the corpus, so the
+held-out WER is on text no stage has seen. A quarter of the sequences are prompt-shaped copy
+exercises ("USER: <Speech>…</Speech> Recognize…\\nASSISTANT: …"), a stand-in for the
+instruction tuning a real chat LLM has before SALMONN training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import data
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from salmonn_export.model.prompts import builtin_test_prompts
+from salmonn_export.model.tiny import LLAMA3_SPECIALS
+
+BPE_VOCAB = 4000
+LLAMA = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64)
+SEQ_LEN, BATCH = 128, 16
+END = "<|end_of_text|>"
+
+
+def corpus(work: Path) -> tuple[list[str], list[str]]:
+    """Lowercased fortune cookies without held-out sentences, and the speakable sentences for copy drills."""
+    clips = json.loads((work / "clips.json").read_text())
+    heldout = {c["text"] for c in clips if c["task"] == "asr" and c["split"] == "heldout"}
+    cookies = [c.lower() for c in data.fortune_cookies()]
+    kept = [c for c in cookies if not any(h in flat for flat in [data.normalise(c)] for h in heldout)]
+    captions = sorted({c["text"].lower() for c in clips if c["task"] != "asr" and c["split"] == "train"})
+    sentences = [s for s in data.speech_sentences(data.fortune_cookies()) if s not in heldout]
+    return kept + captions, sentences
+
+
+def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    prompts = list(builtin_test_prompts().values()) + ["USER: {}\nASSISTANT:"]
+    tok.train_from_iterator(texts + prompts * 50, trainer=trainer)
+    tok.add_special_tokens(LLAMA3_SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token=END,
+                                   clean_up_tokenization_spaces=False)
+
+
+def copy_drill(sentence: str, asr_prompt: str) -> str:
+    before, after = asr_prompt.split("<SpeechHere>")
+    return f"USER: {before}{sentence}{after}\nASSISTANT:{sentence}{END}"
+
+
+def _batches(stream: torch.Tensor, drills: list, drill_fraction: float, bos: int, eos: int,
+             answer_only: bool = False):
+    """A batch of corpus windows and copy drills; with `answer_only`, a drill's loss is on its
+    answer only (a drill is `(ids, answer_start)` then)."""
+    rows, masks, label_rows = [], [], []
+    for _ in range(BATCH):
+        first_label = 0
+        if random.random() < drill_fraction:
+            drill = random.choice(drills)
+            if answer_only:
+                drill, first_label = drill[0], drill[1] + 1
+            ids = [bos] + drill
+        else:
+            start = random.randrange(0, len(stream) - SEQ_LEN)
+            ids = [bos] + stream[start:start + SEQ_LEN - 1].tolist()
+        pad = SEQ_LEN - len(ids)
+        masks.append([1] * len(ids) + [0] * pad)
+        rows.append(ids + [eos] * pad)
+        label_rows.append([-100] * first_label + ids[first_label:] + [-100] * pad)
+    return torch.tensor(rows), torch.tensor(masks), torch.tensor(label_rows)
+
+
+def _optimize(model, steps: int, lr: float, batch_fn, desc: str) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    for step in tqdm(range(steps), desc=desc, mininterval=10):
+        ids, mask, labels = batch_fn()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision, as the challenge trains (amp)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            print(f"{desc} step {step} loss {sum(losses[-100:]) / len(losses[-100:]):.3f}", flush=True)
+    model.eval()
+    return losses
+
+
+def _data(work: Path, tok, with_shuffled: bool) -> tuple[torch.Tensor, list[list[int]]]:
+    """The token stream of the corpus, and copy drills: real sentences, plus word-shuffled ones
+    when asked (so that copying, not the language prior, is what solves them)."""
+    texts, sentences = corpus(work)
+    stream: list[int] = []
+    for text in texts:
+        stream += tok(text + END, add_special_tokens=False).input_ids
+    rng = random.Random(0)
+    shuffled = []
+    for s in sentences:
+        words = s.split()
+        rng.shuffle(words)
+        shuffled.append(" ".join(words))
+    asr_prompt = builtin_test_prompts()["asr"]
+    drills = [tok(copy_drill(s, asr_prompt), add_special_tokens=False).input_ids[: SEQ_LEN - 1]
+              for s in sentences + (shuffled if with_shuffled else [])]
+    return torch.tensor(stream), drills
+
+
+def train_lm(work: Path, steps: int, seed: int) -> dict:
+    """Phase 1: language modelling (a quarter of the sequences are copy drills)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    texts, _ = corpus(work)
+    tok = train_tokenizer(texts)
+    stream, drills = _data(work, tok, with_shuffled=False)
+    bos, eos = tok.convert_tokens_to_ids("<|begin_of_text|>"), tok.convert_tokens_to_ids(END)
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, initializer_range=0.02,
+                         **LLAMA)
+    model = LlamaForCausalLM(config)
+    losses = _optimize(model, steps, 3e-3, lambda: _batches(stream, drills, 0.25, bos, eos), "lm pretrain")
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos, eos_token_id=[eos] + tok.convert_tokens_to_ids(["<|eom_id|>", "<|eot_id|>"]))
+    model.save_pretrained(str(work / "llm"))
+    tok.save_pretrained(str(work / "llm"))
+    return {"params": sum(p.numel() for p in model.parameters()), "tokens_in_corpus": len(stream),
+            "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 3), "steps": steps,
+            "tokens_seen": steps * BATCH * SEQ_LEN}
+
+
+def train_drills(work: Path, steps: int, seed: int) -> dict:
+    """Phase 2: copy drills, so the LM learns to read words out of its prompt, the skill SALMONN's
+    frozen LLM needs to read out the speech tokens.
+
+    a) 800 steps, 60 % drills (real and word-shuffled sentences), loss on whole sequences;
+    b) `steps` steps, 85 % drills, loss on the answers only, a third of them random-token
+       sequences (the classic way to grow induction heads), the rest real and shuffled sentences.
+    """
+    tok = PreTrainedTokenizerFast.from_pretrained(str(work / "llm"))
+    model = LlamaForCausalLM.from_pretrained(str(work / "llm"), dtype=torch.float32)
+    bos, eos = model.config.bos_token_id, model.config.eos_token_id
+    random.seed(seed + 1)
+    torch.manual_seed(seed + 1)
+    stream, drills = _data(work, tok, with_shuffled=True)
+    losses_a = _optimize(model, 800, 1e-3, lambda: _batches(stream, drills, 0.6, bos, eos), "lm drills a")
+    losses_b = drills_b(model, tok, work, steps, seed)
+    model.save_pretrained(str(work / "llm.tmp"))
+    tok.save_pretrained(str(work / "llm.tmp"))
+    copied = copy_accuracy(model, tok, work)
+    import shutil
+
+    shutil.rmtree(work / "llm")
+    (work / "llm.tmp").rename(work / "llm")
+    return {"steps": 800 + steps, "final_loss_a": round(sum(losses_a[-100:]) / 100, 3),
+            "final_answer_loss_b": round(sum(losses_b[-100:]) / 100, 3), **copied}
+
+
+def drills_b(model, tok, work: Path, steps: int, seed: int) -> list[float]:
+    random.seed(seed + 2)
+    torch.manual_seed(seed + 2)
+    stream, sentence_drills = _data(work, tok, with_shuffled=True)
+    asr_prompt = builtin_test_prompts()["asr"]
+    before, after = asr_prompt.split("<SpeechHere>")
+    head = tok(f"USER: {before}", add_special_tokens=False).input_ids
+    tail = tok(f"{after}\nASSISTANT:", add_special_tokens=False).input_ids
+    end = tok.convert_tokens_to_ids(END)
+    n_bpe = BPE_VOCAB - 300
+    rng = random.Random(seed)
+    drills = []
+    for ids in sentence_drills:
+        prompt = tok.decode(ids).rsplit("ASSISTANT:", 1)[0] + "ASSISTANT:"
+        drills.append((ids, len(tok(prompt, add_special_tokens=False).input_ids)))
+    for _ in range(len(sentence_drills) // 2):
+        body = [rng.randrange(300, n_bpe) for _ in range(rng.randint(4, 20))]
+        ids = head + body + tail + body + [end]
+        drills.append((ids, len(head) + len(body) + len(tail)))
+    return _optimize(model, steps, 2e-3, lambda: _batches(stream, drills, 0.85, model.config.bos_token_id, end,
+                                                          answer_only=True), "lm drills b")
+
+
+@torch.no_grad()
+def copy_accuracy(model, tok, work: Path, n: int = 20) -> dict:
+    """Greedy copy of held-out sentences through the ASR prompt: exact-copy rate."""
+    clips = json.loads((work / "clips.json").read_text())
+    heldout = [c["text"] for c in clips if c["task"] == "asr" and c["split"] == "heldout"][:n]
+    asr_prompt = builtin_test_prompts()["asr"]
+    hits = 0
+    for s in heldout:
+        prompt = copy_drill(s, asr_prompt).rsplit("ASSISTANT:", 1)[0] + "ASSISTANT:"
+        ids = tok("<|begin_of_text|>" + prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=tok.eos_token_id)
+        hits += tok.decode(out[0, ids.shape[1]:]).split(END)[0] == s
+    return {"heldout_copy_exact": hits / len(heldout)}
