@@ -18,7 +18,7 @@ import torch
 from salmonn_export.audio import load_audio
 from salmonn_export.dataset import audio_files, read_annotation
 from salmonn_export.errors import SalmonnError
-from salmonn_export.harness.metrics import word_errors
+from salmonn_export.harness.metrics import compute_spider, word_errors
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import recipe_from_dict
 from salmonn_export.runtime.engine import Engine
@@ -122,12 +122,24 @@ def verify(reference: SALMONN, engine: Engine, items: list[Item], progress: Call
                        "wer_engine_vs_reference": _wer(ref_texts, eng_texts)},
         "rows": rows,
     }
+    e2e = result["end_to_end"]
+    aac = [i for i, it in enumerate(items) if it.task != "asr"]
+    if aac:
+        e2e["cider_engine_vs_reference"] = _cider([ref_texts[i] for i in aac], [eng_texts[i] for i in aac])
     if all(t is not None for t in truths):
         asr = [i for i, it in enumerate(items) if it.task == "asr"]
         if asr:
-            result["end_to_end"]["wer_reference_vs_truth"] = _wer([truths[i] for i in asr], [ref_texts[i] for i in asr])
-            result["end_to_end"]["wer_engine_vs_truth"] = _wer([truths[i] for i in asr], [eng_texts[i] for i in asr])
+            e2e["wer_reference_vs_truth"] = _wer([truths[i] for i in asr], [ref_texts[i] for i in asr])
+            e2e["wer_engine_vs_truth"] = _wer([truths[i] for i in asr], [eng_texts[i] for i in asr])
+        if aac:
+            e2e["cider_reference_vs_truth"] = _cider([truths[i] for i in aac], [ref_texts[i] for i in aac])
+            e2e["cider_engine_vs_truth"] = _cider([truths[i] for i in aac], [eng_texts[i] for i in aac])
     return result
+
+
+def _cider(refs: list[str], hyps: list[str]) -> float:
+    """CIDEr-D with one reference per clip, both sides lowercased (the challenge lowercases hyps only)."""
+    return compute_spider(hyps, [r.lower() for r in refs])["cider_d"]
 
 
 def _wer(refs: list[str], hyps: list[str]) -> float:
