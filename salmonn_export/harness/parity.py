@@ -124,6 +124,7 @@ def verify(reference: SALMONN, engine: Engine, items: list[Item], progress: Call
     }
     e2e = result["end_to_end"]
     aac = [i for i, it in enumerate(items) if it.task != "asr"]
+    aac = aac if len(aac) >= 2 else []  # CIDEr-D's document frequencies need a corpus of 2+ clips
     if aac:
         e2e["cider_engine_vs_reference"] = _cider([ref_texts[i] for i in aac], [eng_texts[i] for i in aac])
     if all(t is not None for t in truths):
