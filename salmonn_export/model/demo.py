@@ -20,16 +20,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import yaml
 from platformdirs import user_cache_dir
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from salmonn_export import __version__
 from salmonn_export.errors import SalmonnError
 from salmonn_export.files import atomic_dir
 from salmonn_export.model.qformer import BERT_MAX_POSITIONS
 from salmonn_export.model.synth import scene_event, speak
-from salmonn_export.model.tiny import challenge_config
+from salmonn_export.model.tiny import challenge_config, write_challenge_config
 
 DEMO_ARTIFACT = Path(__file__).with_name("demo_model")
 DEMO_SENTENCES = [
@@ -91,11 +90,9 @@ def _trained_state(artifact: Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = artifact / "trained.safetensors"
     if not path.is_file():
         raise SalmonnError("the shipped demo model is missing (reinstall salmonn-export)", path)
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
-    tensors = load_file(str(path))
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
     state: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if key.endswith(".u"):
@@ -121,13 +118,7 @@ def materialize_demo(out: str | Path, artifact: Path = DEMO_ARTIFACT, force: boo
         shutil.copy(artifact / "beats.pt", tmp / "beats.pt")
         torch.save({"model": state, "optimizer": None, "config": config, "scaler": None,
                     "epoch": int(metadata.get("epoch", 0))}, str(tmp / "checkpoint_best.pth"))
-        (tmp / "prompts").mkdir()
-        from salmonn_export.model.prompts import builtin_test_prompts
-
-        prompts = builtin_test_prompts()
-        train_prompts = {"asr": [prompts["asr"]], "audiocaption_v2": [prompts["audiocaption_v2"]]}
-        (tmp / "prompts" / "train_prompt.json").write_text(json.dumps(train_prompts, indent=1))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        write_challenge_config(tmp, config)
     return Path(out).expanduser().resolve()
 
 

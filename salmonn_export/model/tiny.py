@@ -221,6 +221,15 @@ def challenge_config(train_prompt: str = "prompts/train_prompt.json") -> dict:
     }
 
 
+def write_challenge_config(folder: Path, config: dict) -> None:
+    """`config.yaml` and the training prompt file it names, as a challenge user's folder has them."""
+    (folder / "prompts").mkdir()
+    prompts = builtin_test_prompts()
+    train_prompts = {"asr": [prompts["asr"]], "audiocaption_v2": [prompts["audiocaption_v2"]]}
+    (folder / "prompts" / "train_prompt.json").write_text(json.dumps(train_prompts, indent=1))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+
 def write_tiny_salmonn(out_dir: str | Path, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
     """Write a complete trained-SALMONN folder; atomic (temp folder + rename)."""
     if preset not in PRESETS:
@@ -238,10 +247,6 @@ def write_tiny_salmonn(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
         state = _trainable_state(llm, p.whisper["d_model"], beats_width, p)
         torch.save({"model": state, "optimizer": None, "config": challenge_config(), "scaler": None, "epoch": 0},
                    str(tmp / "checkpoint_best.pth"))
-        (tmp / "prompts").mkdir()
-        prompts = builtin_test_prompts()
-        train_prompts = {"asr": [prompts["asr"]], "audiocaption_v2": [prompts["audiocaption_v2"]]}
-        (tmp / "prompts" / "train_prompt.json").write_text(json.dumps(train_prompts, indent=1))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(challenge_config(), sort_keys=False, allow_unicode=True))
+        write_challenge_config(tmp, challenge_config())
         (tmp / "TINY.json").write_text(json.dumps({"preset": preset, "seed": seed}, indent=1))
     return Path(out_dir).expanduser().resolve()
