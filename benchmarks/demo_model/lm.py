@@ -34,10 +34,14 @@ def corpus(work: Path) -> tuple[list[str], list[str]]:
     """Lowercased fortune cookies without held-out sentences, and the speakable sentences for copy drills."""
     clips = json.loads((work / "clips.json").read_text())
     heldout = {c["text"] for c in clips if c["task"] == "asr" and c["split"] == "heldout"}
-    cookies = [c.lower() for c in data.fortune_cookies()]
-    kept = [c for c in cookies if not any(h in flat for flat in [data.normalise(c)] for h in heldout)]
+    cookies = data.fortune_cookies()
+    kept = []
+    for cookie in cookies:
+        words = data.normalise(cookie)
+        if not any(h in words for h in heldout):
+            kept.append(cookie.lower())
     captions = sorted({c["text"].lower() for c in clips if c["task"] != "asr" and c["split"] == "train"})
-    sentences = [s for s in data.speech_sentences(data.fortune_cookies()) if s not in heldout]
+    sentences = [s for s in data.speech_sentences(cookies) if s not in heldout]
     return kept + captions, sentences
 
 
@@ -109,10 +113,9 @@ def _optimize(model, steps: int, lr: float, batch_fn, desc: str) -> list[float]:
     return losses
 
 
-def _data(work: Path, tok, with_shuffled: bool) -> tuple[torch.Tensor, list[list[int]]]:
+def _data(texts: list[str], sentences: list[str], tok, with_shuffled: bool) -> tuple[torch.Tensor, list[list[int]]]:
     """The token stream of the corpus, and copy drills: real sentences, plus word-shuffled ones
     when asked (so that copying, not the language prior, is what solves them)."""
-    texts, sentences = corpus(work)
     stream: list[int] = []
     for text in texts:
         stream += tok(text + END, add_special_tokens=False).input_ids
@@ -132,9 +135,9 @@ def train_lm(work: Path, steps: int, seed: int) -> dict:
     """Phase 1: language modelling (a quarter of the sequences are copy drills)."""
     random.seed(seed)
     torch.manual_seed(seed)
-    texts, _ = corpus(work)
+    texts, sentences = corpus(work)
     tok = train_tokenizer(texts)
-    stream, drills = _data(work, tok, with_shuffled=False)
+    stream, drills = _data(texts, sentences, tok, with_shuffled=False)
     bos, eos = tok.convert_tokens_to_ids("<|begin_of_text|>"), tok.convert_tokens_to_ids(END)
     config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
                          tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, initializer_range=0.02,
@@ -163,9 +166,9 @@ def train_drills(work: Path, steps: int, seed: int) -> dict:
     bos, eos = model.config.bos_token_id, model.config.eos_token_id
     random.seed(seed + 1)
     torch.manual_seed(seed + 1)
-    stream, drills = _data(work, tok, with_shuffled=True)
+    stream, drills = _data(*corpus(work), tok, with_shuffled=True)
     losses_a = _optimize(model, 800, 1e-3, lambda: _batches(stream, drills, 0.6, bos, eos), "lm drills a")
-    losses_b = drills_b(model, tok, work, steps, seed)
+    losses_b = drills_b(model, tok, stream, drills, steps, seed)
     model.save_pretrained(str(work / "llm.tmp"))
     tok.save_pretrained(str(work / "llm.tmp"))
     copied = copy_accuracy(model, tok, work)
@@ -177,10 +180,9 @@ def train_drills(work: Path, steps: int, seed: int) -> dict:
             "final_answer_loss_b": round(sum(losses_b[-100:]) / 100, 3), **copied}
 
 
-def drills_b(model, tok, work: Path, steps: int, seed: int) -> list[float]:
+def drills_b(model, tok, stream: torch.Tensor, sentence_drills: list[list[int]], steps: int, seed: int) -> list[float]:
     random.seed(seed + 2)
     torch.manual_seed(seed + 2)
-    stream, sentence_drills = _data(work, tok, with_shuffled=True)
     asr_prompt = builtin_test_prompts()["asr"]
     before, after = asr_prompt.split("<SpeechHere>")
     head = tok(f"USER: {before}", add_special_tokens=False).input_ids
