@@ -80,6 +80,34 @@ def test_captioned_scenes_are_seeded_and_bounded():
     assert max(np.abs(captioned_scene(np.random.default_rng(s))[0]).max() for s in range(40)) <= 0.9 + 1e-9
 
 
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def test_packed_training_clips_fit_whisper_window_and_resume_from_their_plan(tmp_path, monkeypatch):
+    """The training script's packed clips (benchmarks/demo_model/data.py): at most 29 s, the target is
+    the kept utterances in order, and a rerun re-reads each clip's saved plan instead of re-speaking."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "demo_model"))
+    import data
+
+    sentences = ["the cat sat on the mat today", "we will meet again tomorrow morning",
+                 "nothing is as easy as it looks"]
+    (tmp_path / "audio").mkdir()
+    clips = data.packed_clips(tmp_path, sentences, 3, 7, seed=0)
+    assert [c["path"] for c in clips] == ["audio/00007.wav", "audio/00008.wav", "audio/00009.wav"]
+    for clip in clips:
+        info = sf.info(str(tmp_path / clip["path"]))
+        assert info.samplerate == 16000 and info.duration <= data.PACKED_SECONDS
+        assert clip["text"] == " ".join(s["text"] for s in clip["segments"]) and clip["segments"]
+    assert max(len(c["segments"]) for c in clips) >= 2
+
+    def no_speaking(*args, **kwargs):
+        raise AssertionError("a resumed run must not re-synthesize")
+
+    monkeypatch.setattr(data, "speak", no_speaking)
+    assert data.packed_clips(tmp_path, sentences, 3, 7, seed=0) == clips
+
+
 def _corrupt_initializer(bundle, graph: str, name: str, fn) -> None:
     """Rewrite one weight tensor of a bundle's graph, then re-sign the manifest (so only verify can tell)."""
     import onnx

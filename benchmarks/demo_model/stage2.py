@@ -35,7 +35,6 @@ WINDOW = 17
 END = "<|end_of_text|>"
 PROMPT_TEMPLATE = "USER: {}\nASSISTANT:"
 BATCH = 16
-CTC_SCALE = 16.0
 
 
 class LowRankLinear(nn.Module):
@@ -90,6 +89,10 @@ class Trainee(nn.Module):
             self.speech_llama_proj.weight.mul_(0.1)
             self.speech_llama_proj.bias.zero_()
         self.lm = self.llama_model.base_model.model
+        if ctc_weight:  # training-only parameters of the auxiliary loss
+            self.ctc_log_scale = nn.Parameter(torch.tensor(math.log(4.0)))
+            self.ctc_blank = nn.Parameter(torch.zeros(base.config.hidden_size))
+            self.ctc_blank_bias = nn.Parameter(torch.tensor(2.0))
         prompts = builtin_test_prompts()
         self.prompt_ids = {}
         for task in ("asr", "audiocaption_v2"):
@@ -136,21 +139,28 @@ class Trainee(nn.Module):
         loss = F.cross_entropy(logits, shift_labels[keep])
         accuracy = (logits.argmax(-1) == shift_labels[keep]).float().mean().item()
         if self.ctc_weight:
-            loss = loss + self.ctc_weight * self.ctc_loss(speech, texts)
+            loss = loss + self.ctc_weight * self.ctc_loss(speech, tasks, texts)
         return loss, accuracy
 
-    def ctc_loss(self, speech: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Auxiliary CTC over the 88 speech tokens: each should resemble (cosine) the LLM input
-        embedding of the text token it carries, or the [PAD] row (the blank). Speech tokens that
-        look like the words, in order, are what a frozen LLM that can copy from its prompt reads
-        out best. A training-only loss: the model and its checkpoint are unchanged."""
+    def ctc_loss(self, speech: torch.Tensor, tasks: list[str], texts: list[str]) -> torch.Tensor:
+        """Auxiliary CTC over the 88 speech tokens of the ASR items: each token should point (by
+        direction) at the LLM input embedding of the text token it carries, or be the blank (its
+        own learned direction and bias). Speech tokens that look like the words, in order, are what
+        an LLM that can copy from its prompt reads out best. Training-only: the checkpoint is unchanged."""
+        keep = [i for i, t in enumerate(tasks) if t == "asr"]
+        if not keep:
+            return speech.sum() * 0.0
+        tokens = speech[keep].float()
         table = F.normalize(self.lm.get_input_embeddings().weight.detach().float(), dim=-1)
-        logits = CTC_SCALE * F.normalize(speech.float(), dim=-1) @ table.T
+        logits = self.ctc_log_scale.exp() * tokens @ table.T
+        blank = self.tokenizer.pad_token_id
+        is_blank = torch.arange(logits.shape[-1]) == blank
+        logits = torch.where(is_blank, (tokens @ self.ctc_blank + self.ctc_blank_bias).unsqueeze(-1), logits)
         log_probs = logits.log_softmax(-1).transpose(0, 1)
-        targets = [self.tokenizer(t, add_special_tokens=False).input_ids[: speech.shape[1]] for t in texts]
-        flat = torch.tensor([i for t in targets for i in t])
-        return F.ctc_loss(log_probs, flat, [speech.shape[1]] * len(texts), [len(t) for t in targets],
-                          blank=self.tokenizer.pad_token_id, zero_infinity=True)
+        targets = [self.tokenizer(texts[i], add_special_tokens=False).input_ids[: tokens.shape[1]] for i in keep]
+        flat = torch.tensor([t for target in targets for t in target])
+        return F.ctc_loss(log_probs, flat, [tokens.shape[1]] * len(keep), [len(t) for t in targets],
+                          blank=blank, zero_infinity=True)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The challenge `.pth` `model` dict (full products for the Q-Former, position_ids kept)."""
@@ -206,6 +216,22 @@ def evaluate(model: Trainee, feats: Features, index: list[int]) -> dict:
     return {"loss": round(float(np.mean(losses)), 4), "token_accuracy": round(float(np.mean(accs)), 4)}
 
 
+def batches(index: list[int], feats: Features, pool: int) -> list[list[int]]:
+    """One epoch's shuffled batches. With pool > 1 (packed clips present: their targets are up to
+    ~10x longer than a sentence), each pool of `pool` batches is sorted by text length first, to
+    cut padding, and the batches are shuffled again."""
+    order = index[:]
+    random.shuffle(order)
+    if pool == 1:
+        return [order[start:start + BATCH] for start in range(0, len(order) - BATCH + 1, BATCH)]
+    out = []
+    for start in range(0, len(order) - BATCH * pool + 1, BATCH * pool):
+        chunk = sorted(order[start:start + BATCH * pool], key=lambda i: len(feats.clips[i]["text"]))
+        out += [chunk[j:j + BATCH] for j in range(0, len(chunk), BATCH)]
+    random.shuffle(out)
+    return out
+
+
 def save_base_llm(model: Trainee, source: Path, out: Path) -> None:
     """The (adapted) base LLM as an HF folder: LoRA stripped, the [PAD] row dropped (it is re-added on load)."""
     from transformers import AutoConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -238,9 +264,12 @@ def train_salmonn(work: Path, epochs: int, seed: int, log, limit: int | None = N
     # training split; held-out clips are only ever scored at the end
     train = [i for i, c in enumerate(feats.clips) if c["split"] == "train"]
     random.Random(seed).shuffle(train)
-    valid = [i for i in train if feats.clips[i]["task"] == "asr"][:48]
+    valid = [i for i in train if feats.clips[i]["task"] == "asr" and "segments" not in feats.clips[i]][:48]
     valid += [i for i in train if feats.clips[i]["task"] != "asr"][:16]
-    train = sorted(set(train) - set(valid))
+    # packed clips that contain a validation sentence are left out, so validation stays unseen text
+    valid_text = {feats.clips[i]["text"] for i in valid}
+    leaks = {i for i in train if any(s["text"] in valid_text for s in feats.clips[i].get("segments", []))}
+    train = sorted(set(train) - set(valid) - leaks)
     source = llm or work / "llm"
     model = Trainee(source, feats.whisper_width, feats.beats_width, ctc_weight)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -253,7 +282,8 @@ def train_salmonn(work: Path, epochs: int, seed: int, log, limit: int | None = N
             p.requires_grad_(True)
         groups.append({"params": base_params, "weight_decay": 0.0, "lr": 3e-4})
     opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999))
-    steps = epochs * (len(train) // BATCH)
+    pool = 8 if any("segments" in feats.clips[i] for i in train) else 1
+    steps = epochs * (len(train) // (BATCH * pool)) * pool
     warmup = min(200, steps // 10)
 
     def lr_at(s: int) -> float:
@@ -270,12 +300,10 @@ def train_salmonn(work: Path, epochs: int, seed: int, log, limit: int | None = N
                 p.requires_grad_(False)
                 p.grad = None
             save_base_llm(model, source, work / "llm_adapted")
-        order = train[:]
-        random.shuffle(order)
         losses = []
-        for start in tqdm(range(0, len(order) - BATCH + 1, BATCH), desc=f"salmonn epoch {epoch}", mininterval=20):
+        for batch in tqdm(batches(train, feats, pool), desc=f"salmonn epoch {epoch}", mininterval=20):
             with torch.autocast("cpu", dtype=torch.bfloat16):  # amp, as the challenge trains
-                loss, _ = model.loss(*feats.batch(order[start:start + BATCH]))
+                loss, _ = model.loss(*feats.batch(batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

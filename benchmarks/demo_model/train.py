@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--asr-heldout", type=int, default=100)
     ap.add_argument("--aac-train", type=int, default=500)
     ap.add_argument("--aac-heldout", type=int, default=50)
+    ap.add_argument("--packed", type=int, default=0,
+                    help="extra training clips packed with several utterances each (data.packed_clips; "
+                         "tried with 2000: no better, see README)")
     ap.add_argument("--lm-steps", type=int, default=1500)
     ap.add_argument("--drill-steps", type=int, default=1500)
     ap.add_argument("--salmonn-epochs", type=int, default=10)
@@ -86,7 +89,7 @@ def main() -> None:
     whisper_dir, beats_path = work / "whisper", work / "beats.pt"
     if "data" in stages and not done(work, "data"):
         t0 = time.time()
-        info = data.synthesize(work, args.asr_heldout, args.aac_train, args.aac_heldout, args.seed)
+        info = data.synthesize(work, args.asr_heldout, args.aac_train, args.aac_heldout, args.packed, args.seed)
         mark(work, "data")
         log("data", seconds=round(time.time() - t0, 1), **info)
     if "features" in stages and not done(work, "features"):
