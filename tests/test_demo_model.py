@@ -84,11 +84,13 @@ def test_captioned_scenes_are_seeded_and_bounded():
 def test_packed_training_clips_fit_whisper_window_and_resume_from_their_plan(tmp_path, monkeypatch):
     """The training script's packed clips (benchmarks/demo_model/data.py): at most 29 s, the target is
     the kept utterances in order, and a rerun re-reads each clip's saved plan instead of re-speaking."""
-    import sys
+    import importlib.util
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "demo_model"))
-    import data
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_model" / "data.py"
+    spec = importlib.util.spec_from_file_location("demo_training_data", path)
+    data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data)
 
     sentences = ["the cat sat on the mat today", "we will meet again tomorrow morning",
                  "nothing is as easy as it looks"]
