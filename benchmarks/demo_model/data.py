@@ -65,6 +65,12 @@ def speech_sentences(cookies: list[str], vocab_size: int = 2000) -> list[str]:
     return sorted({s for s in candidates if all(w in common for w in s.split()) and s not in demo})
 
 
+def _speaker(rng: np.random.Generator, voices: list[str], variants: list[str]) -> dict:
+    """A random espeak-ng speaker: voice + variant, speed (words per minute) and pitch."""
+    voice = str(rng.choice(voices)) + str(rng.choice(variants))
+    return {"voice": voice, "speed": int(rng.integers(130, 181)), "pitch": int(rng.integers(35, 66))}
+
+
 def synthesize(work: Path, n_asr_heldout: int, n_aac_train: int, n_aac_heldout: int, n_packed: int,
                seed: int) -> dict:
     """Write every clip under work/audio and the split lists (work/clips.json); skips existing clips.
@@ -81,9 +87,7 @@ def synthesize(work: Path, n_asr_heldout: int, n_aac_train: int, n_aac_heldout: 
         s = sentences[i]
         split = "heldout" if s in heldout else "train"
         voices, variants = (HELDOUT_VOICES, HELDOUT_VARIANTS) if split == "heldout" else (TRAIN_VOICES, TRAIN_VARIANTS)
-        voice = str(rng.choice(voices)) + str(rng.choice(variants))
-        clips.append({"task": "asr", "split": split, "text": s, "voice": voice,
-                      "speed": int(rng.integers(130, 181)), "pitch": int(rng.integers(35, 66))})
+        clips.append({"task": "asr", "split": split, "text": s, **_speaker(rng, voices, variants)})
     for split, n in (("train", n_aac_train), ("heldout", n_aac_heldout)):
         for _ in range(n):
             clips.append({"task": "audiocaption_v2", "split": split, "scene_seed": int(rng.integers(2**31))})
@@ -142,8 +146,7 @@ def packed_clips(work: Path, sentences: list[str], n: int, first_index: int, see
                 text = " ".join(rng.choice(vocab, size=int(rng.integers(3, 9))))
             else:
                 text = str(sentences[int(rng.integers(len(sentences)))])
-            segments.append({"text": text, "voice": str(rng.choice(TRAIN_VOICES)) + str(rng.choice(TRAIN_VARIANTS)),
-                             "speed": int(rng.integers(130, 181)), "pitch": int(rng.integers(35, 66)),
+            segments.append({"text": text, **_speaker(rng, TRAIN_VOICES, TRAIN_VARIANTS),
                              "gap": round(float(rng.uniform(0.2, 0.6)), 2)})
         if not (path.exists() and plan_path.exists()):
             _write_packed(path, segments)
@@ -155,16 +158,15 @@ def packed_clips(work: Path, sentences: list[str], n: int, first_index: int, see
 
 def _write_packed(path: Path, segments: list[dict], sample_rate: int = 16000) -> None:
     """Speak the segments in order, keeping those that fit in PACKED_SECONDS (at least one)."""
-    pieces, kept, total = [], [], 0
+    pieces, kept = [], []
     tmp = path.with_suffix(".seg.wav")
     for seg in segments:
         speak(seg["text"], tmp, voice=seg["voice"], speed=seg["speed"], pitch=seg["pitch"], sample_rate=sample_rate)
         wave, _ = sf.read(str(tmp), dtype="float64")
         gap = np.zeros(int(seg["gap"] * sample_rate))
-        if kept and total + len(gap) + len(wave) > PACKED_SECONDS * sample_rate:
+        if kept and sum(map(len, pieces)) + len(gap) + len(wave) > PACKED_SECONDS * sample_rate:
             break
         pieces += [gap, wave] if kept else [wave]
-        total += (len(gap) if kept else 0) + len(wave)
         kept.append(seg)
     tmp.unlink()
     wave = np.concatenate(pieces)[: int(PACKED_SECONDS * sample_rate)]
@@ -193,7 +195,7 @@ def encoder_features(work: Path, whisper_dir: Path, beats_path: Path, batch_size
         with open(store, "r+b") as f:
             f.truncate(size)
     mode = "r+" if store.exists() else "w+"
-    whisper_out = np.memmap(work / "whisper.f16", dtype=np.float16, mode=mode, shape=(n, 1500, width))
+    whisper_out = np.memmap(store, dtype=np.float16, mode=mode, shape=(n, 1500, width))
     progress_file = work / "features_done.json"
     done = json.loads(progress_file.read_text())["done"] if progress_file.exists() else 0
     beats_dir = work / "beats"
