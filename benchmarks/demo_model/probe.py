@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stage2  # noqa: E402
 
-from salmonn_export.harness.metrics import word_errors  # noqa: E402
-from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer, qformer_windows  # noqa: E402
+from salmonn_export.harness.metrics import compute_wer  # noqa: E402
+from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo_probes.json"
 CHARS = " abcdefghijklmnopqrstuvwxyz'"
@@ -89,14 +89,12 @@ class CTCProbe(nn.Module):
         self.head = nn.Linear(256, labels + 1)  # last label: CTC blank
 
     def forward(self, whisper_out: torch.Tensor, beats_out: list[torch.Tensor]) -> torch.Tensor:
-        speech = self.ln_speech(whisper_out)
         if self.adapter == "pool":
-            return self.head(self.proj(self.pool(speech.unfold(1, self.window, self.window).mean(-1))))
-        audio = torch.stack([F.pad(self.ln_audio(b[: speech.shape[1]]), (0, 0, 0, speech.shape[1] - min(len(b), speech.shape[1])))
-                             for b in beats_out])
-        windows = qformer_windows(torch.cat([speech, audio], dim=-1), self.window, self.window)
-        out = self.proj(self.qformer.bert(self.query.expand(windows.shape[0], -1, -1), windows))
-        return self.head(out.view(speech.shape[0], -1, out.shape[-1]))
+            windows = self.ln_speech(whisper_out).unfold(1, self.window, self.window).mean(-1)
+            return self.head(self.proj(self.pool(windows)))
+        out = self.proj(stage2.window_queries(self.ln_speech, self.ln_audio, self.qformer, self.query, whisper_out,
+                                              beats_out, self.window))
+        return self.head(out.view(whisper_out.shape[0], -1, out.shape[-1]))
 
 
 def ctc(args: argparse.Namespace) -> dict:
@@ -119,17 +117,18 @@ def ctc(args: argparse.Namespace) -> dict:
         return whisper_out[:, : args.crop], beats_out, texts
 
     def wer(index) -> float:
+        """Greedy CTC decode, scored as `train.py`'s held-out score is (the challenge's `compute_wer`)."""
         model.eval()
-        errors = words = 0
+        hyps, refs = [], []
         with torch.no_grad():
             for start in range(0, len(index), 16):
                 whisper_out, beats_out, texts = batch(index[start:start + 16])
-                for row, text in zip(model(whisper_out, beats_out).argmax(-1).tolist(), texts):
-                    ids = [x for k, x in enumerate(row) if x != units.size and (k == 0 or row[k - 1] != x)]
-                    e, n = word_errors(text, units.decode(ids))
-                    errors, words = errors + e, words + n
+                for row in model(whisper_out, beats_out).argmax(-1).tolist():
+                    hyps.append(units.decode([x for k, x in enumerate(row)
+                                              if x != units.size and (k == 0 or row[k - 1] != x)]))
+                refs += texts
         model.train()
-        return round(errors / words, 4)
+        return round(compute_wer(hyps, refs)["wer"], 4)
 
     curve, t0 = [], time.time()
     for step in range(args.steps):
@@ -165,19 +164,18 @@ def whisper_decoder(args: argparse.Namespace, n: int = 20) -> dict:
     single = [i for i, c in enumerate(feats.clips) if c["task"] == "asr" and "segments" not in c]
     result = {"probe": "whisper-decoder", "clips_per_split": n}
     for split in ("heldout", "train"):
-        errors = words = 0
-        examples = []
-        for i in [i for i in single if feats.clips[i]["split"] == split][:n]:
+        index = [i for i in single if feats.clips[i]["split"] == split][:n]
+        hyps = []
+        for i in index:
             encoded = torch.from_numpy(feats.whisper[i].astype(np.float32))[None]
             with torch.no_grad():
                 out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), max_new_tokens=60)
-            hyp = tokenizer.decode(out[0], skip_special_tokens=True)
-            hyp = " ".join("".join(c for c in hyp.lower() if c.isalpha() or c in " '").split())
-            e, w = word_errors(feats.clips[i]["text"].lower(), hyp)
-            errors, words = errors + e, words + w
-            examples.append({"ref": feats.clips[i]["text"], "hyp": hyp, "voice": feats.clips[i]["voice"]})
-        result[split] = {"wer": round(errors / words, 4), "exact": sum(x["ref"] == x["hyp"] for x in examples),
-                         "examples": examples}
+            hyps.append(tokenizer.decode(out[0], skip_special_tokens=True).strip())
+        refs = [feats.clips[i]["text"] for i in index]
+        scored = compute_wer(hyps, refs)
+        result[split] = {"wer": round(scored["wer"], 4), "exact": sum(item["errors"] == 0 for item in scored["items"]),
+                         "examples": [{"ref": r, "hyp": h, "voice": feats.clips[i]["voice"]}
+                                      for i, r, h in zip(index, refs, hyps)]}
     return result
 
 

@@ -69,6 +69,16 @@ def low_rank_qformer(qformer: SpeechQFormer) -> dict[str, LowRankLinear]:
     return swapped
 
 
+def window_queries(ln_speech: nn.LayerNorm, ln_audio: nn.LayerNorm, qformer: SpeechQFormer, query: torch.Tensor,
+                   whisper_out: torch.Tensor, beats_out: list[torch.Tensor], window: int = WINDOW) -> torch.Tensor:
+    """The window-level Q-Former pass: normed Whisper ‖ BEATs (padded, or cut, to Whisper's frames),
+    cut into windows, one query each; [B·windows, 1, 768]."""
+    speech = ln_speech(whisper_out)
+    audio = torch.stack([F.pad(ln_audio(b), (0, 0, 0, speech.shape[1] - b.shape[0])) for b in beats_out])
+    windows = qformer_windows(torch.cat([speech, audio], dim=-1), window, window)
+    return qformer.bert(query.expand(windows.shape[0], -1, -1), windows)
+
+
 class Trainee(nn.Module):
     def __init__(self, llm: Path, whisper_width: int, beats_width: int, ctc_weight: float = 0.0):
         super().__init__()
@@ -101,11 +111,8 @@ class Trainee(nn.Module):
                                      self.tokenizer(after, add_special_tokens=False).input_ids)
 
     def speech(self, whisper_out: torch.Tensor, beats_out: list[torch.Tensor]) -> torch.Tensor:
-        speech = self.ln_speech(whisper_out)
-        audio = torch.stack([F.pad(self.ln_audio(b), (0, 0, 0, speech.shape[1] - b.shape[0])) for b in beats_out])
-        windows = qformer_windows(torch.cat([speech, audio], dim=-1), WINDOW, WINDOW)
-        queries = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
-        out = self.speech_llama_proj(self.speech_Qformer.bert(queries, windows))
+        out = self.speech_llama_proj(window_queries(self.ln_speech, self.ln_audio, self.speech_Qformer,
+                                                    self.speech_query_tokens, whisper_out, beats_out))
         return out.view(whisper_out.shape[0], -1, out.shape[-1])
 
     def loss(self, whisper_out, beats_out, tasks, texts) -> tuple[torch.Tensor, float]:
