@@ -12,15 +12,21 @@ import soundfile as sf
 from salmonn_export.model.synth import espeak_available, sound_scene, speak
 from salmonn_export.model.tiny import write_tiny_salmonn
 
-ROOT = Path(__file__).resolve().parents[1]
-CHALLENGE_FIXTURE = ROOT.parent / "shared" / "fixtures" / "challenge-made-tiny"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CHALLENGE_FIXTURE = FIXTURES / "challenge-made-tiny"
+CHALLENGE_TIED_FIXTURE = FIXTURES / "challenge-made-tiny-tied"
 
 
 @pytest.fixture(scope="session")
 def challenge_fixture() -> Path:
-    if not (CHALLENGE_FIXTURE / "config.yaml").is_file():
-        pytest.skip(f"challenge-made fixture not found at {CHALLENGE_FIXTURE} (it lives in ../shared)")
+    """Tiny SALMONN written by the challenge's own code, untied LLM head (see its README)."""
     return CHALLENGE_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def challenge_tied_fixture() -> Path:
+    """Same, seed 3, tied LLM embeddings: its checkpoint holds lm_head.weight (see its README)."""
+    return CHALLENGE_TIED_FIXTURE
 
 
 @pytest.fixture(scope="session")
