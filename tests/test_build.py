@@ -11,7 +11,7 @@ import torch
 
 from salmonn_export.errors import SalmonnError
 from salmonn_export.export.build import BuildOptions, build_bundle
-from salmonn_export.export.manifest import FORMAT_VERSION, read_manifest
+from salmonn_export.bundle import FORMAT_VERSION, read_manifest
 from salmonn_export.export.matmul_nbits import pack_codes, unpack_codes
 from salmonn_export.export.onnx_export import session
 from salmonn_export.recipes import load_recipe, parse_recipe

@@ -115,7 +115,7 @@ def _corrupt_initializer(bundle, graph: str, name: str, fn) -> None:
     import onnx
     from onnx import numpy_helper
 
-    from salmonn_export.export.manifest import sha256_file
+    from salmonn_export.bundle import sha256_file
 
     model = onnx.load(str(bundle / graph), load_external_data=True)
     init = next(i for i in model.graph.initializer if i.name == name)

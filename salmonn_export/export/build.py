@@ -23,7 +23,7 @@ import torch
 
 from salmonn_export import __version__
 from salmonn_export.errors import SalmonnError
-from salmonn_export.export.manifest import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
+from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
 from salmonn_export.export.matmul_nbits import inject_matmul_nbits
 from salmonn_export.export.onnx_export import (
     check_model,

@@ -176,7 +176,7 @@ def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], 
         summary["score"] = result
         summary["items"] = [{"testset_id": e.testset_id, "reference": e.text, "hypothesis": t, **(
             d if isinstance(d, dict) else {"cider_d": d})} for (e, t), d in zip(scored, details)]
-        from salmonn_export.export.manifest import write_json
+        from salmonn_export.bundle import write_json
 
         write_json(options.out.with_name(options.out.stem + ".score.json"), summary)
     partial.unlink()

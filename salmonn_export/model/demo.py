@@ -146,25 +146,3 @@ def demo_clips(task: str) -> list[Path]:
     folder = ensure_demo_model().parent / "audio"
     names = [c[0] for c in DEMO_SENTENCES] if task == "asr" else [c[0] for c in DEMO_SCENES]
     return [folder / n for n in names]
-
-
-def ensure_demo_bundle(recipe_name: str = "w4a16") -> Path:
-    """The demo model's engine bundle for a recipe, built on first use beside the demo model.
-
-    Rebuilt when missing, unreadable, or made from another demo checkpoint than the current one.
-    """
-    from salmonn_export.errors import SalmonnError
-    from salmonn_export.export.build import BuildOptions, build_bundle
-    from salmonn_export.export.manifest import read_manifest, sha256_file
-    from salmonn_export.recipes import load_recipe
-
-    config = ensure_demo_model()
-    bundle = cache_root() / "engines" / f"demo-{recipe_name}"
-    try:
-        manifest = read_manifest(bundle)
-        if manifest["source"]["sha256"].get("ckpt") == sha256_file(config.parent / "checkpoint_best.pth"):
-            return bundle
-    except (SalmonnError, KeyError):
-        pass
-    build_bundle(config, load_recipe(recipe_name), BuildOptions(out=bundle, calib=config.parent / "audio", force=True))
-    return bundle

@@ -16,7 +16,7 @@ import numpy as np
 
 from salmonn_export.audio import load_audio
 from salmonn_export.errors import SalmonnError
-from salmonn_export.export.manifest import read_manifest
+from salmonn_export.bundle import read_manifest
 from salmonn_export.runtime.features import beats_inputs, whisper_log_mel
 from salmonn_export.runtime.generation import GenerationSettings, generate
 from salmonn_export.tasks import templated_prompt

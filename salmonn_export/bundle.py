@@ -1,6 +1,7 @@
-"""The engine bundle's `manifest.json`: what it is, how it was made, and how to check it.
+"""The engine bundle format: `manifest.json` — what a bundle is, how it was made, and how to check it.
 
-Pure Python (no torch): the runtime reads and checks bundles with this module. The manifest
+Pure Python (no torch), below both layers that use it: the exporter writes bundles with it and
+the runtime reads and checks them. The manifest
 holds no timestamps or timings, so the same inputs and recipe give the same manifest; those go
 to `build_report.json` beside it.
 """

@@ -1,0 +1,108 @@
+"""Commands that make engine bundles: recipes, build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from salmonn_export.cli.common import (
+    JsonOpt,
+    ModelOpt,
+    app,
+    err,
+    handle_errors,
+    model_config,
+    out,
+)
+from salmonn_export.errors import SalmonnError
+
+
+@app.command()
+def recipes(as_json: JsonOpt = False):
+    """List the built-in build recipes (recipes/*.yaml); `build --recipe PATH.yaml` takes your own.
+
+    Example: salmonn-export recipes --json
+    """
+    from salmonn_export.recipes import builtin_recipes, load_recipe
+
+    rows = []
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        w = r.llm.weights
+        rows.append({"name": name, "description": r.description,
+                     "llm_weights": None if w is None else f"{w.method} int{w.bits} g{w.group_size}",
+                     "precisions": {k: c.precision for k, c in r.components.items()}})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title="build recipes")
+    for col in ("name", "LLM weights", "description"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["llm_weights"] or "-", row["description"])
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def build(
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe (see `recipes`) or a .yaml path.")] = "w4a16",
+    model: ModelOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default engines/<model>-<recipe>).")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration audio: a folder or an annotation .json "
+                                                    "(default: the demo clips).")] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="Calibration sequences (default from the recipe).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines for the encoders and Q-Former.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for calibration order and dummy inputs.")] = 0,
+    as_json: JsonOpt = False,
+):
+    """Build an engine bundle: merge LoRA, quantize the LLM, export every component to ONNX, validate.
+
+    Example: salmonn-export build --recipe w4a16 --model path/to/config.yaml --out engines/mine-w4a16
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from salmonn_export.export.build import BuildOptions, StageLog, build_bundle
+    from salmonn_export.recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    config = model_config(model)
+    if out_dir is None:
+        stem = "demo" if model is None else config.resolve().parent.name
+        out_dir = Path("engines") / f"{stem}-{rec.name}"
+    if calib_samples is not None and calib_samples < 1:
+        raise SalmonnError("--calib-samples must be >= 1")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=as_json) as progress:
+        current = {"task": None}
+
+        def on_stage(name):
+            if current["task"] is not None:
+                progress.update(current["task"], completed=1, total=1)
+            current["task"] = progress.add_task(name, total=1)
+
+        def on_progress(_name, done, total):
+            progress.update(current["task"], completed=done, total=total)
+
+        log = StageLog(on_stage=on_stage, on_progress=on_progress)
+        report = build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
+                                                        force=force, trt=trt, seed=seed), log)
+        if current["task"] is not None:
+            progress.update(current["task"], completed=1, total=1)
+    if as_json:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    out.print(f"built [bold]{report['bundle']}[/] in {report['total_seconds']:.1f} s, "
+              f"{report['bundle_bytes'] / 1e6:.2f} MB")
+    for name, v in report["validation"].items():
+        out.print(f"  {name:16s} {report['sizes'][name] / 1e6:8.2f} MB  max rel err {v['max_rel']:.2e}  cosine {v['cosine']:.8f}")
+    if report["quantization_eval"]:
+        q = report["quantization_eval"]
+        out.print(f"  LLM vs fp32 on calibration: KL {q['mean_kl']:.4g}, top-1 agreement {q['top1_agreement']:.3f}")
+    if report["tensorrt"].get("status") not in ("not requested", "built"):
+        err.print(f"TensorRT skipped: {report['tensorrt'].get('reason')}")

@@ -1,0 +1,240 @@
+"""Commands that use engine bundles: run, verify, bench."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from salmonn_export.cli.common import (
+    DeviceOpt,
+    EngineOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    audio_or_demo,
+    engine_path,
+    err,
+    handle_errors,
+    out,
+    print_texts,
+)
+from salmonn_export.errors import SalmonnError
+
+
+@app.command()
+@handle_errors
+def run(
+    audio: Annotated[list[Path] | None, typer.Argument(help="Audio files. Default: the demo clips for the task.")] = None,
+    task: Annotated[str, typer.Option("--task", "-t", help="asr, aac, or another task key of the bundle's prompts.")] = "asr",
+    engine: EngineOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 1,
+    num_beams: Annotated[int | None, typer.Option(help="Override the bundle's num_beams (1 = greedy).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Override max_new_tokens.")] = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+):
+    """Run an engine bundle on audio files (onnxruntime + numpy, no PyTorch): one line per file.
+
+    Example: salmonn-export run --engine engines/demo-w4a16 --task asr speech.wav
+    """
+    from salmonn_export.runtime.engine import Engine
+
+    if batch_size < 1:
+        raise SalmonnError("--batch-size must be >= 1")
+    bundle = engine_path(engine)
+    audio = audio_or_demo(audio, task, engine is not None, "engine")
+    t0 = time.perf_counter()
+    eng = Engine(bundle, device=device)
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    texts = eng.transcribe(audio, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    print_texts(audio, texts, as_json, {"task": task, "engine": str(bundle), "providers": [str(p) for p in eng.providers],
+                                         "load_seconds": round(load_s, 3), "run_seconds": round(time.perf_counter() - t1, 3)})
+
+
+@app.command()
+@handle_errors
+def verify(
+    engine: Annotated[Path | None, typer.Argument(help="Engine bundle (default: the demo w4a16 bundle).")] = None,
+    model: ModelOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Audio folder (both tasks per file) or annotation .json "
+                                                   "(default: the demo clips).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here (and a .md beside it).")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Override num_beams for the end-to-end texts.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Prove parity: reference vs engine, stage by stage and end to end, against the recipe's thresholds.
+
+    Exit code 1 when a threshold is missed.
+
+    Example: salmonn-export verify engines/demo-w4a16 --report verify.json
+    """
+    from rich.progress import Progress
+
+    from salmonn_export.harness.parity import Item, judge, markdown_report, verify_items
+    from salmonn_export.harness.parity import verify as run_verify
+    from salmonn_export.model.salmonn import load_salmonn
+    from salmonn_export.runtime.engine import Engine
+
+    bundle = engine_path(engine)
+    eng = Engine(bundle)
+    config = model or Path(eng.manifest["source"]["config"])
+    if not config.is_file():
+        raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
+    reference = load_salmonn(config)
+
+    def demo_items():
+        from salmonn_export.model.demo import demo_clips
+
+        return [Item(p, "asr") for p in demo_clips("asr")] + [Item(p, "aac") for p in demo_clips("aac")]
+
+    items = verify_items(data, demo_items)
+    with Progress(console=err, transient=True) as progress:
+        task_id = progress.add_task("verifying", total=len(items))
+        result = run_verify(reference, eng, items, lambda done, total: progress.update(task_id, completed=done),
+                            num_beams=num_beams)
+    verdict = judge(result, eng.manifest)
+    recipe = eng.manifest["recipe"]["name"]
+    full = {"bundle": str(bundle), "recipe": recipe, **result, "verdict": verdict}
+    if report is not None:
+        from salmonn_export.bundle import write_json
+
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_json(report, full)
+        report.with_suffix(".md").write_text(markdown_report(result, verdict, str(bundle), recipe))
+    if as_json:
+        print(json.dumps(full, indent=1, ensure_ascii=False))
+    else:
+        out.print(markdown_report(result, verdict, str(bundle), recipe), highlight=False)
+    if not verdict["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def bench(
+    engines: Annotated[list[Path] | None, typer.Argument(help="Engine bundles (default: the demo w4a16 bundle).")] = None,
+    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also measure the PyTorch reference.")] = True,
+    model: ModelOpt = None,
+    audio_seconds: Annotated[float, typer.Option(help="Length of the N(0,1) noise clip (challenge: 10).")] = 10.0,
+    warmup: Annotated[int, typer.Option(help="Warm-up iterations, discarded (challenge: 10).")] = 10,
+    iters: Annotated[int, typer.Option(help="Timed iterations (challenge: 100).")] = 100,
+    stage_iters: Annotated[int, typer.Option(help="Timed iterations per stage.")] = 10,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Peak RSS per system in a subprocess.")] = True,
+    batch_sizes: Annotated[str, typer.Option(help="Throughput batch sizes (greedy, --new-tokens each); empty = skip.")] = "1,4",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per clip for the throughput runs.")] = 16,
+    generation: Annotated[bool, typer.Option("--generation/--no-generation", help="Throughput, full beam-search "
+                                                                                 "answer and clip end-to-end runs.")] = True,
+    clip: Annotated[Path | None, typer.Option(help="Real clip for the end-to-end latency (default: a demo clip).")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here (needs matplotlib).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: the reference under fp16 autocast with CUDA memory "
+                                             "figures, engines on the CUDA execution provider.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the noise clip (the challenge's is unseeded).")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result JSON here.")] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table here.")] = None,
+):
+    """Measure TTFT, TPOT, memory and stage times with the challenge's protocol, engines beside the reference.
+
+    Engines and the reference are interleaved in one run, with engine/reference ratios and a
+    memory-bandwidth roofline.
+
+    Example: salmonn-export bench engines/demo-w4a16 --warmup 2 --iters 10 --json bench.json
+    """
+    import numpy as np
+    from rich.progress import Progress
+
+    from salmonn_export.harness.bench import (
+        machine,
+        markdown,
+        measure_memory_subprocess,
+        memory_bandwidth_gbs,
+        plot,
+        ratios,
+        roofline,
+        run_generation,
+        run_protocol,
+        run_stages,
+    )
+    from salmonn_export.harness.bench_systems import engine_system, reference_system
+    from salmonn_export.runtime.engine import Engine
+
+    if warmup < 0 or iters < 1 or stage_iters < 1 or audio_seconds <= 0 or audio_seconds > 30:
+        raise SalmonnError("need --warmup >= 0, --iters >= 1, --stage-iters >= 1 and 0 < --audio-seconds <= 30")
+    if device not in ("cpu", "cuda"):
+        raise SalmonnError("--device must be cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if reference and not torch.cuda.is_available():
+            raise SalmonnError("--device cuda: no CUDA device is visible to this torch build")
+    bundles = list(engines) if engines else [engine_path(None)]
+    wave = np.random.default_rng(seed).standard_normal(int(16000 * audio_seconds))
+    systems = []
+    config = model
+    if reference:
+        if config is None:
+            config = Path(Engine(bundles[0], verify_hashes=False).manifest["source"]["config"])
+        systems.append(reference_system(config, wave, device))
+    names = set()
+    for b in bundles:
+        system = engine_system(b, wave, device=device)
+        if system.name in names:
+            system.name = f"{system.name}@{b}"
+        names.add(system.name)
+        systems.append(system)
+    with Progress(console=err, transient=True) as progress:
+        task_id = progress.add_task("challenge protocol", total=warmup + iters)
+        protocol = run_protocol(systems, wave, warmup, iters, lambda d, t: progress.update(task_id, completed=d))
+    stages = run_stages(systems, min(warmup, 2), stage_iters)
+    bandwidth = memory_bandwidth_gbs()
+    mem = {}
+    if memory:
+        for s, target in zip(systems, ([str(config)] if reference else []) + [str(b) for b in bundles]):
+            mem[s.name] = measure_memory_subprocess("reference" if s.name == "reference" else "engine", target,
+                                                    audio_seconds, device)
+    generation_result = None
+    if generation:
+        try:
+            sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise SalmonnError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+        if any(b < 1 for b in sizes) or new_tokens < 1:
+            raise SalmonnError("batch sizes and --new-tokens must be >= 1")
+        if clip is None:
+            from salmonn_export.model.demo import demo_clips
+
+            clip = demo_clips("asr")[0]
+        with err.status("throughput, beam search and end-to-end runs..."):
+            generation_result = run_generation(systems, wave, str(clip) if clip else None, sizes, new_tokens,
+                                               repeats=2)
+    context = 100  # prompt + 88 speech tokens, about what the first decode step sees
+    result = {
+        "settings": {"audio_seconds": audio_seconds, "warmup": warmup, "iters": iters, "stage_iters": stage_iters,
+                     "seed": seed, "batch": 1, "device": device},
+        "machine": machine(), "protocol": protocol, "ratios": ratios(protocol, "reference"), "stages": stages,
+        "memory": mem, "bandwidth_gbs": bandwidth, "generation": generation_result,
+        "weights_mb": {s.name: s.weight_bytes / 1e6 for s in systems},
+        "sizes_mb_by_component": {s.name: s.sizes_mb for s in systems},
+        "decoder_weight_mb": {s.name: s.decoder_bytes / 1e6 for s in systems},
+        "roofline": {s.name: roofline(s, protocol[s.name]["tpot"]["median"], context, bandwidth) for s in systems},
+    }
+    for name, r in protocol.items():
+        r["average_memory_usage_gb"] = mem.get(name, {}).get("average_memory_usage_gb")
+    if json_out:
+        from salmonn_export.bundle import write_json
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_out, result)
+    if plot_out:
+        why_not = plot(result, plot_out)
+        if why_not:
+            err.print(why_not)
+    text = markdown(result)
+    if markdown_out:
+        markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        markdown_out.write_text(text)
+    out.print(text, highlight=False)

@@ -1,0 +1,224 @@
+"""Challenge-harness commands: eval, score, validate-submission, merge, demo-data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from salmonn_export.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    TaskOpt,
+    app,
+    engine_path,
+    err,
+    handle_errors,
+    out,
+)
+from salmonn_export.errors import SalmonnError
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    task: TaskOpt = "asr",
+    annotation: Annotated[Path | None, typer.Option(help="Challenge annotation JSON (default: the demo test set).")] = None,
+    engine: Annotated[Path | None, typer.Option("--engine", "-e", help="Engine bundle to evaluate.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Evaluate the PyTorch reference of this config "
+                                                                      "instead of an engine.")] = None,
+    audio_root: Annotated[Path | None, typer.Option(help="Audio prefix: paths become ROOT + '/' + path "
+                                                        "(default: relative to the annotation).")] = None,
+    out_csv: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV to write.")] = Path("submission.csv"),
+    batch_size: Annotated[int, typer.Option(help="Clips per batch (the challenge used run.batch_size_eval, 8; "
+                                                 "BEATs padding makes results batch-dependent).")] = 1,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items (after sharding).")] = None,
+    shard: Annotated[str | None, typer.Option(help="Run shard I/N (contiguous slice) of the items.")] = None,
+    skip_bad_audio: Annotated[bool, typer.Option("--skip-bad-audio", help="List unreadable files as skipped "
+                                                                         "instead of stopping.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard partial results of an earlier run.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Spread the batches over Ray actors (Ray Data), one engine each.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
+    ray_actors: Annotated[int, typer.Option(help="Engine actors with --ray.")] = 2,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+):
+    """Run an engine (or the reference) over a test set into a submission CSV, scored when references exist.
+
+    Resumable: rerun the same command after an interruption. With --ray the same batches run on a
+    Ray cluster and the CSV is identical.
+
+    Example: salmonn-export eval --task asr --engine engines/demo-w4a16 --annotation data/ann.json --out sub.csv
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from salmonn_export.dataset import read_annotation
+    from salmonn_export.harness.evaluate import EvalOptions, parse_shard, run_eval
+
+    if batch_size < 1:
+        raise SalmonnError("--batch-size must be >= 1")
+    if engine is not None and model is not None:
+        raise SalmonnError("give --engine or --model, not both")
+    if annotation is None:
+        from salmonn_export.harness.demo_data import write_demo_data
+        from salmonn_export.model.demo import cache_root
+
+        folder = cache_root() / "demo-data"
+        if not (folder / "annotation.json").is_file():
+            with err.status("synthesizing the demo test set (first use only)..."):
+                write_demo_data(folder, force=True)
+        annotation = folder / "annotation.json"
+    examples = read_annotation(annotation, task, audio_root)
+    if model is not None:
+        from salmonn_export.model.salmonn import load_salmonn
+
+        reference = load_salmonn(model)
+
+        def backend(waves, tasks):
+            return reference.generate_batch(reference.make_batch(waves, tasks))[0]
+
+        backend_id = f"reference:{model.resolve()}"
+    else:
+        from salmonn_export.runtime.engine import Engine
+
+        bundle = engine_path(engine)
+        eng = Engine(bundle, device=device)
+
+        def backend(waves, tasks):
+            return eng.run_waves(waves, tasks).texts
+
+        backend_id = f"engine:{Path(bundle).resolve()}:{eng.manifest['files'].get('decoder.onnx.data', '')[:16]}"
+    runner = None
+    if ray:
+        if model is not None:
+            raise SalmonnError("--ray runs engine bundles; use --engine")
+        if ray_actors < 1:
+            raise SalmonnError("--ray-actors must be >= 1")
+        from salmonn_export.serve.ray_backend import ray_batch_runner
+
+        runner = ray_batch_runner(Path(bundle), device, skip_bad_audio, ray_actors, ray_address)
+    options = EvalOptions(out=out_csv, task=task, batch_size=batch_size, shard=parse_shard(shard),
+                          skip_bad_audio=skip_bad_audio, limit=limit)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[score]}"), console=err, transient=as_json) as progress:
+        tid = progress.add_task(f"eval {task}", total=None, score="")
+
+        def on_progress(done, total, running):
+            label = ", ".join(f"{k} {v:.4g}" for k, v in (running or {}).items())
+            progress.update(tid, completed=done, total=total, score=label)
+
+        summary = run_eval(backend, backend_id, examples, options, restart=restart, progress=on_progress, runner=runner)
+    if as_json:
+        print(json.dumps(summary, indent=1, ensure_ascii=False))
+        return
+    out.print(f"wrote {summary['csv']} ({summary['rows']} rows, {len(summary['skipped'])} skipped, "
+              f"{summary['resumed_items']} resumed)")
+    for s_ in summary["skipped"]:
+        err.print(f"skipped {s_['testset_id']}: {s_['audio']}: {s_['reason']}")
+    if "score" in summary:
+        sc = summary["score"]
+        out.print(f"WER: {sc['wer_percent']:0.4f}%" if task == "asr" else f"SPIDEr (CIDEr-D x100): {sc['spider']}")
+
+
+@app.command()
+@handle_errors
+def score(
+    task: TaskOpt = "asr",
+    submission: Annotated[Path, typer.Option(help="Submission CSV (testset_id,text).")] = Path("submission.csv"),
+    annotation: Annotated[Path, typer.Option(help="Annotation JSON with reference texts.")] = Path("annotation.json"),
+    as_json: JsonOpt = False,
+):
+    """Score any submission CSV exactly as the challenge does (WER or its CIDEr-D "SPIDEr").
+
+    Example: salmonn-export score --task aac --submission sub.csv --annotation ann.json
+    """
+    from salmonn_export.dataset import read_annotation
+    from salmonn_export.harness.evaluate import score as compute
+    from salmonn_export.harness.submission import read_submission
+
+    examples = read_annotation(annotation, task)
+    refs = {e.testset_id: e.text for e in examples}
+    rows = [(t, x) for t, x in read_submission(submission) if t in refs]
+    if not rows:
+        raise SalmonnError(f"no submission ids match the annotation's {task} items", submission)
+    if any(refs[t] is None for t, _ in rows):
+        raise SalmonnError("the annotation has no `text` for some items", annotation)
+    result = compute(task, [x for _, x in rows], [refs[t] for t, _ in rows])
+    result.pop("items")
+    result["scored_items"] = len(rows)
+    result["missing_items"] = len(refs) - len(rows)
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        out.print(f"WER: {result['wer_percent']:0.4f}%" if task == "asr" else f"SPIDEr (CIDEr-D x100): {result['spider']}")
+        if result["missing_items"]:
+            err.print(f"warning: {result['missing_items']} annotation items have no row in the submission")
+
+
+@app.command("validate-submission")
+@handle_errors
+def validate_submission_cmd(
+    submission: Annotated[Path, typer.Argument(help="Submission CSV.")],
+    annotation: Annotated[Path | None, typer.Option(help="Also check ids against this annotation.")] = None,
+    task: Annotated[str | None, typer.Option(help="With --annotation: only that task's items (asr | aac).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Check a submission CSV with the challenge validator's rules and more.
+
+    Columns, ids and string texts as the validator does, plus duplicate ids and ids missing from or
+    unknown to the annotation. Exit 1 when invalid.
+
+    Example: salmonn-export validate-submission sub.csv --annotation ann.json --task asr
+    """
+    from salmonn_export.dataset import read_annotation
+    from salmonn_export.harness.submission import validate_submission
+
+    examples = read_annotation(annotation, task) if annotation else None
+    report = validate_submission(submission, examples)
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        out.print(f"{submission}: {'valid' if report['valid'] else 'INVALID'} ({report['rows']} rows)")
+        for p in report["problems"]:
+            out.print(f"  - {p}", highlight=False)
+    if not report["valid"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="Shard CSVs, in shard order.")],
+    out_csv: Annotated[Path, typer.Option("--out", "-o", help="Merged CSV.")] = Path("submission.csv"),
+    annotation: Annotated[Path | None, typer.Option(help="Order rows as this annotation and check completeness.")] = None,
+    task: Annotated[str | None, typer.Option(help="With --annotation: the task (asr | aac).")] = None,
+):
+    """Join shard outputs of `eval --shard I/N` into one submission CSV.
+
+    Example: salmonn-export merge part0.csv part1.csv --out submission.csv
+    """
+    from salmonn_export.dataset import read_annotation
+    from salmonn_export.harness.submission import merge_submissions, write_submission
+
+    rows = merge_submissions(parts, read_annotation(annotation, task) if annotation else None)
+    write_submission(out_csv, rows)
+    out.print(f"wrote {out_csv} ({len(rows)} rows from {len(parts)} shards)")
+
+
+@app.command("demo-data")
+@handle_errors
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the audio and annotation.json.")],
+    seed: Annotated[int, typer.Option(help="Seed for the sound scenes.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder.")] = False,
+):
+    """Synthesize a small ASR + AAC test set (espeak-ng speech, generated sound scenes) with references.
+
+    Example: salmonn-export demo-data /tmp/demo-set
+    """
+    from salmonn_export.harness.demo_data import write_demo_data
+
+    info = write_demo_data(out_dir, seed=seed, force=force)
+    out.print(f"wrote {info['asr']} ASR and {info['aac']} AAC items to {info['folder']}; annotation: {info['annotation']}")
