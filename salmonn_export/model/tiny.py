@@ -73,6 +73,23 @@ class Preset:
     llm_init_range: float = 0.3
     lora_std: tuple[float, float] = (0.2, 0.5)  # A, B: "decisive", so the adapters visibly matter
     proj_std: float = 0.3
+    # real-size presets: Llama-3.2's tied embeddings and 128,256-id vocabulary (BPE padded with unreachable
+    # entries to 128,000, then the 256 Llama-3 specials), base weights written in fp16 as the HF folders are
+    tied: bool = False
+    vocab_size: int | None = None
+    fp16: bool = False
+    beats_finetuned: bool = False
+
+
+LLAMA32_ROPE_SCALING = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+# distil-large-v3: the encoder of large-v3 (32 layers, d 1280, 20 heads, 128 mels), 2 decoder layers
+DISTIL_LARGE_V3 = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                       decoder_layers=2, decoder_attention_heads=20, decoder_ffn_dim=5120, num_mel_bins=128,
+                       vocab_size=51866, max_target_positions=448)
+BEATS_ITER3 = dict(embed_dim=512, encoder_embed_dim=768, encoder_layers=12, encoder_attention_heads=12,
+                   encoder_ffn_embed_dim=3072)
+LLAMA3_VOCAB = 128256  # 128,000 BPE ids + 256 specials; `[PAD]` makes 128,257 at training time
 
 
 PRESETS = {
@@ -99,11 +116,39 @@ PRESETS = {
         # so that fp32 rounding differences between runtimes explode
         llm_init_range=0.02, lora_std=(0.02, 0.02), proj_std=0.05,
     ),
+    # The challenge's model at its real size (random, well-scaled weights): Llama-3.2-3B / -1B shapes
+    "challenge-3b": Preset(
+        whisper=DISTIL_LARGE_V3, beats=BEATS_ITER3,
+        llama=dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                   num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                   rope_scaling=LLAMA32_ROPE_SCALING),
+        bpe_vocab=2048, llm_init_range=0.02, lora_std=(0.02, 0.02), proj_std=0.02,
+        tied=True, vocab_size=LLAMA3_VOCAB, fp16=True, beats_finetuned=True,
+    ),
+    "challenge-1b": Preset(
+        whisper=DISTIL_LARGE_V3, beats=BEATS_ITER3,
+        llama=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                   num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                   rope_scaling=LLAMA32_ROPE_SCALING),
+        bpe_vocab=2048, llm_init_range=0.02, lora_std=(0.02, 0.02), proj_std=0.02,
+        tied=True, vocab_size=LLAMA3_VOCAB, fp16=True, beats_finetuned=True,
+    ),
 }
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained on a local corpus, Llama-3 specials appended after the BPE vocab."""
+def llama3_specials(count: int) -> list[str]:
+    """Llama-3's special tokens in id order: the 11 named ones, then reserved ones up to `count` in all."""
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + count - len(LLAMA3_SPECIALS))]
+    return LLAMA3_SPECIALS + reserved
+
+
+def train_tokenizer(vocab_size: int, total: int | None = None) -> Tokenizer:
+    """Byte-level BPE trained on a local corpus, Llama-3 specials appended after the BPE vocab.
+
+    With `total` (Llama-3's 128,256), the BPE vocabulary is padded to `total − 256` with entries no
+    merge produces (`<|unused_bpe_N|>`: decodable, never encoded), then 256 specials follow, so the
+    ids of `<|begin_of_text|>` (128,000), `<|eot_id|>` (128,009) etc. are Llama-3's.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -112,23 +157,38 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     texts = [line for line in CORPUS.strip().splitlines()] + list(builtin_test_prompts().values())
     texts += ["USER: {}\nASSISTANT:", "<Speech></Speech>"]
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_special_tokens(LLAMA3_SPECIALS)
+    if total is None:
+        tok.add_special_tokens(LLAMA3_SPECIALS)
+        return tok
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    bpe_total = total - 256
+    if len(vocab) > bpe_total:
+        raise ValueError(f"trained BPE has {len(vocab)} ids, more than {bpe_total}")
+    vocab.update({f"<|unused_bpe_{i}|>": i for i in range(len(vocab), bpe_total)})
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens(llama3_specials(256))
     return tok
 
 
 def _write_whisper(folder: Path, preset: Preset) -> None:
     config = WhisperConfig(**preset.whisper, max_source_positions=1500, pad_token_id=0, bos_token_id=1,
                            eos_token_id=2, decoder_start_token_id=1)
-    WhisperModel(config).save_pretrained(str(folder))
+    model = WhisperModel(config)
+    if preset.fp16:  # distil-large-v3's HF folder holds fp16 weights
+        model = model.half()
+    model.save_pretrained(str(folder))
+    del model
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(str(folder))
 
 
 def _write_beats(path: Path, preset: Preset) -> None:
     cfg = BEATsConfig(input_patch_size=16, conv_bias=False, activation_fn="gelu", layer_norm_first=False,
                       deep_norm=True, conv_pos=128, conv_pos_groups=16, relative_position_embedding=True,
-                      num_buckets=320, max_distance=800, gru_rel_pos=True, finetuned_model=False,
+                      num_buckets=320, max_distance=800, gru_rel_pos=True,
                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
-                      dropout_input=0.0, layer_wise_gradient_decay_ratio=0.6, **preset.beats)
+                      dropout_input=0.0, layer_wise_gradient_decay_ratio=0.6, **preset.beats,
+                      finetuned_model=preset.beats_finetuned, predictor_class=527)
     model = BEATs(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -142,14 +202,15 @@ def _write_beats(path: Path, preset: Preset) -> None:
 
 
 def _write_llama(folder: Path, preset: Preset) -> LlamaForCausalLM:
-    tok = train_tokenizer(preset.bpe_vocab)
-    bpe = tok.get_vocab_size() - len(LLAMA3_SPECIALS)
+    tok = train_tokenizer(preset.bpe_vocab, preset.vocab_size)
+    bpe = tok.get_vocab_size() - (256 if preset.vocab_size else len(LLAMA3_SPECIALS))
     ids = {s: bpe + i for i, s in enumerate(LLAMA3_SPECIALS)}
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=2048, rms_norm_eps=1e-5,
-                         rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=ids["<|begin_of_text|>"],
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), rms_norm_eps=1e-5, rope_theta=500000.0,
+                         tie_word_embeddings=preset.tied, bos_token_id=ids["<|begin_of_text|>"],
                          eos_token_id=ids["<|end_of_text|>"], initializer_range=preset.llm_init_range,
-                         **preset.llama)
-    model = LlamaForCausalLM(config)
+                         **{"max_position_embeddings": 2048, **preset.llama})
+    # fp16 presets are built in fp16 directly (a 3B model in fp32 would be 12.8 GB)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float16) if preset.fp16 else LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|begin_of_text|>"],
         eos_token_id=[ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
@@ -197,6 +258,14 @@ def _trainable_state(llm: LlamaForCausalLM, whisper_width: int, beats_width: int
             if ".lora_" in name:
                 p.normal_(0.0, preset.lora_std[1] if ".lora_B." in name else preset.lora_std[0])
                 state[f"llama_model.{name}"] = p.detach().clone()
+    if preset.tied:
+        # The challenge's runner drops frozen parameters via named_parameters(), which lists the tied tensor
+        # once (as embed_tokens), so its .pth keeps lm_head.weight: the whole resized matrix, [PAD] row
+        # included (fixtures/challenge-made-tiny-tied). The row is a draw around the old rows' mean, as
+        # transformers 4.46's mean_resizing makes it.
+        emb = llm.get_input_embeddings().weight.detach()
+        pad = emb.mean(0, dtype=torch.float32) + torch.randn(emb.shape[1]) * preset.llm_init_range
+        state["llama_model.base_model.model.lm_head.weight"] = torch.cat([emb, pad.to(emb.dtype)[None]])
     return {k: v.contiguous() for k, v in state.items()}
 
 

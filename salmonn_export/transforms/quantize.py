@@ -7,7 +7,8 @@ ONNX Runtime's MatMulNBits (block = group), so export packs these codes as they 
 GPTQ (Frantar et al. 2022) with act-order uses *static groups*: group scales are fixed from the
 natural column order before the columns are permuted by Hessian diagonal, so groups stay
 contiguous and no g_idx is needed at inference. Layers are quantized in order (sequentially),
-each calibrated on the outputs of the already-quantized layers before it.
+each calibrated on the outputs of the already-quantized layers before it, each decoder layer run
+alone on its captured inputs (one pass per layer, not one pass of the whole model per layer).
 """
 
 from __future__ import annotations
@@ -133,9 +134,24 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, q: WeightQuant, block: int
     return QuantizedLinear(codes[:, inverse].to(torch.uint8), scales, q.bits, q.group_size)
 
 
-def _set_weight(module: nn.Linear, weight: torch.Tensor) -> None:
+def _set_weight(model: nn.Module, module: nn.Linear, weight: torch.Tensor) -> None:
+    """Write the dequantized weight; a tied lm_head is untied first so the input embeddings stay as they are."""
     with torch.no_grad():
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is not None and module.weight is embeddings.weight:
+            module.weight = nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
+            return
         module.weight.copy_(weight.to(module.weight.dtype))
+
+
+class _LayerInputs(Exception):
+    """Raised by the capture hook on the first decoder layer: the rest of the model need not run."""
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
 
 
 @torch.no_grad()
@@ -145,59 +161,106 @@ def quantize_model(
     skip: tuple[str, ...],
     calibration: list[dict[str, torch.Tensor]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    on_layer: Callable[[str, nn.Linear, QuantizedLinear], nn.Module] | None = None,
 ) -> QuantResult:
-    """Quantize `model` in place (weights replaced by their dequantized values) and return the codes.
+    """Quantize `model`'s Linear layers in place and return the codes.
 
-    `calibration` holds forward kwargs (`inputs_embeds`, `attention_mask`); GPTQ needs it, RTN
-    ignores it. Per-layer errors: relative weight error, and for GPTQ the relative output error
-    on the calibration inputs, ‖X(W−Ŵ)ᵀ‖/‖XWᵀ‖ computed through the Hessian.
+    By default each Linear keeps its module and gets its dequantized weight (fp32). With `on_layer`,
+    each Linear is replaced by the module `on_layer(name, linear, codes)` returns as soon as it is
+    quantized, so the fp32 weight is freed layer by layer (how `build` fits a 3B LLM in memory).
+    A tied `lm_head` (when not skipped) is untied first: the input embeddings keep full precision.
+
+    `calibration` holds forward kwargs (`inputs_embeds` [1, S, hidden] fp32, `attention_mask`
+    [1, S]); GPTQ needs it, RTN ignores it. GPTQ is sequential (as GPTQModel/AutoGPTQ): the first
+    decoder layer's inputs are captured once, then each layer runs alone on its inputs, its
+    Linears' Hessians are accumulated in that one pass (all from the not-yet-quantized layer), the
+    Linears are quantized, and the layer's outputs with quantized weights feed the next layer.
+    A quantized `lm_head` is calibrated on the final-norm outputs of the quantized stack.
+    Per-layer errors: relative weight error, and for GPTQ the relative output error on the
+    calibration inputs, ‖X(W−Ŵ)ᵀ‖/‖XWᵀ‖ computed through the Hessian.
     """
     t0 = time.perf_counter()
     result = QuantResult()
     linears = target_linears(model, skip)
+    total = len(linears)
+
+    def finish(name: str, ql: QuantizedLinear, errors: dict[str, float]) -> None:
+        module = linears.pop(name)
+        result.errors[name] = errors
+        result.layers[name] = ql
+        if on_layer is None:
+            _set_weight(model, module, ql.dequantize())
+        else:
+            _replace_module(model, name, on_layer(name, module, ql))
+        if progress:
+            progress(name, len(result.layers), total)
+
     if q.method == "rtn":
-        for i, (name, module) in enumerate(linears.items()):
+        for name in list(linears):
+            module = linears[name]
             ql = rtn(module.weight, _for_layer(q, module.in_features))
-            deq = ql.dequantize()
-            result.errors[name] = {"weight_rel_err": float((deq - module.weight).norm() / module.weight.norm())}
-            _set_weight(module, deq)
-            result.layers[name] = ql
-            if progress:
-                progress(name, i + 1, len(linears))
-    else:
-        if not calibration:
-            raise ValueError("GPTQ needs calibration data")
-        layers = _decoder_layers(model)
-        done = 0
-        for layer in layers:
-            names = [n for n, m in linears.items() if any(m is mm for mm in layer.modules())]
-            accumulators = {n: HessianAccumulator(linears[n].in_features) for n in names}
-            handles = [linears[n].register_forward_hook(accumulators[n].hook) for n in names]
-            for kwargs in calibration:
+            err = float((ql.dequantize() - module.weight).norm() / module.weight.norm())
+            finish(name, ql, {"weight_rel_err": err})
+        result.seconds = time.perf_counter() - t0
+        return result
+    if not calibration:
+        raise ValueError("GPTQ needs calibration data")
+
+    def gptq_all(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
+        for n in names:
+            module = linears[n]
+            ql = gptq(module.weight, hessians[n], _for_layer(q, module.in_features))
+            w = module.weight.double()
+            diff = w - ql.dequantize().double()
+            Hd = hessians.pop(n)
+            out_err = torch.sqrt(torch.einsum("nk,kl,nl->", diff, Hd, diff).clamp(min=0))
+            out_ref = torch.sqrt(torch.einsum("nk,kl,nl->", w, Hd, w))
+            del w
+            finish(n, ql, {"weight_rel_err": float(diff.norm() / module.weight.double().norm()),
+                           "output_rel_err": float(out_err / out_ref)})
+
+    layers = _decoder_layers(model)
+    captured: list[tuple[tuple, dict]] = []
+
+    def capture(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _LayerInputs
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for kwargs in calibration:
+            try:
                 model(**kwargs, use_cache=False)
-            for h in handles:
-                h.remove()
-            hessians = {n: a.hessian for n, a in accumulators.items()}
-            for n in names:
-                module = linears[n]
-                ql = gptq(module.weight, hessians[n], _for_layer(q, module.in_features))
-                deq = ql.dequantize()
-                diff = (module.weight.double() - deq.double())
-                Hd = hessians[n]
-                out_err = torch.sqrt(torch.einsum("nk,kl,nl->", diff, Hd, diff).clamp(min=0))
-                out_ref = torch.sqrt(torch.einsum("nk,kl,nl->", module.weight.double(), Hd, module.weight.double()))
-                result.errors[n] = {"weight_rel_err": float(diff.norm() / module.weight.double().norm()),
-                                    "output_rel_err": float(out_err / out_ref)}
-                _set_weight(module, deq)
-                result.layers[n] = ql
-                done += 1
-                if progress:
-                    progress(n, done, len(linears))
-        rest = [n for n in linears if n not in result.layers]
-        for n in rest:  # Linear layers outside the decoder stack (none for Llama): RTN
-            ql = rtn(linears[n].weight, _for_layer(q, linears[n].in_features))
-            _set_weight(linears[n], ql.dequantize())
-            result.layers[n] = ql
+            except _LayerInputs:
+                pass
+    finally:
+        handle.remove()
+    for layer in layers:
+        names = [n for n, m in linears.items() if any(m is mm for mm in layer.modules())]
+        accumulators = {n: HessianAccumulator(linears[n].in_features) for n in names}
+        handles = [linears[n].register_forward_hook(accumulators[n].hook) for n in names]
+        for args, kwargs in captured:
+            layer(*args, **kwargs)
+        for h in handles:
+            h.remove()
+        gptq_all(names, {n: a.hessian for n, a in accumulators.items()})
+        del accumulators
+        outputs = []
+        for args, kwargs in captured:
+            out = layer(*args, **kwargs)
+            outputs.append(((out[0] if isinstance(out, tuple) else out,) + tuple(args[1:]), kwargs))
+        captured = outputs
+    head = [n for n in linears if n.split(".")[-1] == "lm_head"]
+    if head:  # calibrated on what it sees: the final norm of the quantized stack's outputs
+        norm = _final_norm(model)
+        acc = HessianAccumulator(linears[head[0]].in_features)
+        for args, _kwargs in captured:
+            acc.hook(None, (norm(args[0]),), None)
+        gptq_all(head, {head[0]: acc.hessian})
+    for n in list(linears):  # Linear layers outside the decoder stack (none for Llama): RTN
+        module = linears[n]
+        ql = rtn(module.weight, _for_layer(q, module.in_features))
+        finish(n, ql, {"weight_rel_err": float((ql.dequantize() - module.weight).norm() / module.weight.norm())})
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -221,6 +284,11 @@ class HessianAccumulator:
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     inner = model.model if hasattr(model, "model") else model
     return list(inner.layers)
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    inner = model.model if hasattr(model, "model") else model
+    return inner.norm
 
 
 @torch.no_grad()
