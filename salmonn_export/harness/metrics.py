@@ -1,29 +1,52 @@
 """The challenge's metrics, reproduced exactly (spec section 5), plus standard CIDEr-D for comparison.
 
-WER: Whisper's EnglishTextNormalizer (from `whisper-normalizer`, which ships the British→American
-spelling map) on both sides → sacrebleu 13a tokenisation → drop tokens made only of Unicode
-punctuation → lowercase → split; corpus-level Σ edits / Σ reference words.
+WER: OpenAI Whisper's `EnglishTextNormalizer` on both sides → sacrebleu 13a tokenisation → drop
+tokens made only of Unicode punctuation → lowercase → split; corpus-level Σ edits / Σ reference words.
+The challenge's `metrics.py` carries a verbatim copy of OpenAI's normaliser and its British→American
+map (`data/english.json`). We use transformers' copy of the normaliser code
+(`transformers.models.whisper.english_normalizer`; same rules as OpenAI's
+`whisper/normalizers/english.py`, which differs only in formatting, in `more_itertools.windowed`
+replaced by an equivalent index loop and in two asserts that cannot fire) with OpenAI's map, vendored
+as `whisper_english_spelling.json` (OpenAI whisper, MIT licence, `whisper/normalizers/english.json`,
+unchanged since commit ea1c266 of Jan 2023). The `whisper-normalizer` package is NOT used: it adds
+rules (kinda → kind of, sorta, dunno, cause) that the challenge's copy lacks.
+`tests/test_metrics_normaliser.py` checks it against a verbatim copy of OpenAI's code on a generated corpus.
+
+A reference set that normalises to no words at all makes corpus WER undefined (the challenge's
+`compute_wer` divides by zero there): `compute_wer` raises `SalmonnError`. A single empty reference
+among others counts its hypothesis words as insertions, as the challenge does.
 
 "SPIDEr": the challenge's adaptation of aac-metrics' CIDEr-D: hypotheses lowercased, references
 raw, `str.split` tokens, n = 1..4, document frequencies over references, "length" = bigram count,
-sigma 6, scale 10, reported as CIDEr-D × 100 rounded to 4 decimals. No SPICE.
+sigma 6, scale 10, reported as CIDEr-D × 100 rounded to 4 decimals. No SPICE. An empty reference
+scores 0 for its item whatever the hypothesis (the challenge's arithmetic); the number of such
+references is reported as `empty_references`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import unicodedata
 from collections import Counter, defaultdict
 from functools import lru_cache
+from pathlib import Path
 
 from salmonn_export.errors import SalmonnError
+
+SPELLING_MAP = Path(__file__).with_name("whisper_english_spelling.json")
 
 
 @lru_cache(maxsize=1)
 def _normalizer():
-    from whisper_normalizer.english import EnglishTextNormalizer
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
-    return EnglishTextNormalizer()
+    return EnglishTextNormalizer(json.loads(SPELLING_MAP.read_text(encoding="utf-8")))
+
+
+def normalize_english(text: str) -> str:
+    """The challenge's Whisper English normalisation of one text (no strip: it may keep edge spaces)."""
+    return _normalizer()(text)
 
 
 @lru_cache(maxsize=1)
@@ -39,7 +62,7 @@ def _is_punctuation(token: str) -> bool:
 
 def wer_tokens(text: str) -> list[str]:
     """Normalise and tokenise one side as the challenge's `compute_wer` does."""
-    normalized = _normalizer()(text)
+    normalized = normalize_english(text)
     tokens = _tokenizer_13a()(normalized).split(" ")
     kept = " ".join(t for t in tokens if t and not _is_punctuation(t))
     return kept.lower().split()
@@ -59,19 +82,34 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
 
 
 def compute_wer(hyps: list[str], refs: list[str]) -> dict:
-    """Corpus WER and per-item details."""
+    """Corpus WER as the challenge's `compute_wer`: Σ edits / Σ reference words over normalised tokens.
+
+    Returns `wer` (fraction), `wer_percent` (rounded to 4 decimals as the challenge prints it),
+    `errors`, `ref_words`, `empty_references` (items whose reference normalises to no words: their
+    hypothesis words count as insertions) and per-item `items`.
+    Raises SalmonnError when the lists differ in length, are empty, or when every reference
+    normalises to no words (WER over nothing is undefined; the challenge divides by zero there).
+    """
     if len(hyps) != len(refs):
         raise SalmonnError(f"{len(hyps)} hypotheses for {len(refs)} references")
-    errors = words = 0
+    if not refs:
+        raise SalmonnError("no items to score")
+    errors = words = empty = 0
     items = []
     for h, r in zip(hyps, refs):
         rt, ht = wer_tokens(r), wer_tokens(h)
         e = edit_distance(rt, ht)
         errors += e
         words += len(rt)
+        empty += not rt
         items.append({"errors": e, "ref_words": len(rt)})
-    wer = errors / words if words else 0.0
-    return {"wer": wer, "wer_percent": float(f"{wer * 100:.4f}"), "errors": errors, "ref_words": words, "items": items}
+    if words == 0:
+        raise SalmonnError(f"WER is undefined: none of the {len(refs)} references has a word after Whisper's "
+                           f"normaliser (e.g. {refs[0]!r}; it drops fillers such as 'uh', 'um' and punctuation), "
+                           f"so there is nothing to divide the {errors} inserted words by")
+    wer = errors / words
+    return {"wer": wer, "wer_percent": float(f"{wer * 100:.4f}"), "errors": errors, "ref_words": words,
+            "empty_references": empty, "items": items}
 
 
 # ---------------------------------------------------------------- CIDEr-D (challenge variant)
@@ -135,8 +173,11 @@ def cider_d(candidates: list[list[str]], references: list[list[list[str]]], n: i
 
 def compute_spider(hyps: list[str], refs: list[str]) -> dict:
     """The challenge's "SPIDEr" = CIDEr-D × 100 (hyps lowercased, refs raw, split on whitespace)."""
+    if len(hyps) != len(refs):
+        raise SalmonnError(f"{len(hyps)} hypotheses for {len(refs)} references")
     corpus, items = cider_d([h.lower().split() for h in hyps], [[r.split()] for r in refs])
-    return {"spider": float(f"{corpus * 100:.4f}"), "cider_d": corpus, "items": items}
+    return {"spider": float(f"{corpus * 100:.4f}"), "cider_d": corpus,
+            "empty_references": sum(1 for r in refs if not r.split()), "items": items}
 
 
 def standard_cider_d(hyps: list[str], refs: list[str]) -> dict | None:
