@@ -152,6 +152,33 @@ def resize_with_mean_rows(model: torch.nn.Module, new_size: int) -> None:
             model.get_output_embeddings().weight[old:] = old_head.mean(dim=0)
 
 
+def consume_tied_lm_head(model: torch.nn.Module, head: torch.Tensor, base_vocab_size: int, key: str,
+                         source: str | Path) -> None:
+    """Take a tied LLM's `lm_head.weight` from a training checkpoint, as the challenge's load does (spec 2.8).
+
+    `model` is the (resized) LlamaForCausalLM whose input and output embeddings share one tensor
+    [vocab, hidden]; `head` is the checkpoint's copy of that whole matrix (any float dtype). The
+    runner saved it because `named_parameters()` lists a tied tensor once (as `embed_tokens`), and
+    the challenge's `strict=False` load writes it back into the shared tensor. Rows below
+    `base_vocab_size` are the frozen base embeddings: each must equal ours once cast to the
+    checkpoint's dtype. Rows from `base_vocab_size` on (the training-time `[PAD]` row) replace our
+    mean rows. Raises SalmonnError naming `key` on a shape or value disagreement.
+    """
+    weight = model.get_input_embeddings().weight
+    if tuple(head.shape) != tuple(weight.shape):
+        raise SalmonnError(f"`{key}` has shape {tuple(head.shape)}, the tied embeddings are {tuple(weight.shape)}",
+                           source)
+    if not head.is_floating_point():
+        raise SalmonnError(f"`{key}` is {head.dtype}, not a float embedding matrix", source)
+    base_rows = weight[:base_vocab_size].detach().to(head.dtype)
+    differ = (base_rows != head[:base_vocab_size]).any(dim=1).nonzero().flatten()
+    if differ.numel():
+        raise SalmonnError(f"`{key}` disagrees with the LLM's embeddings in {differ.numel()} base row(s) "
+                           f"(first: row {int(differ[0])}); the checkpoint was trained on another base LLM", source)
+    with torch.no_grad():
+        weight[base_vocab_size:] = head[base_vocab_size:].to(weight.dtype)
+
+
 def apply_lora(model: torch.nn.Module, rank: int, alpha: int, dropout: float):
     """peft LoRA exactly as SALMONN configures it (targets: peft's llama default, q_proj and v_proj)."""
     config = LoraConfig(task_type="CAUSAL_LM", inference_mode=False, r=rank, lora_alpha=alpha, lora_dropout=dropout)

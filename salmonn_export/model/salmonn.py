@@ -20,7 +20,14 @@ from salmonn_export.audio import load_audio
 from salmonn_export.errors import SalmonnError
 from salmonn_export.model.beats import load_beats
 from salmonn_export.model.config import SalmonnConfig, load_config
-from salmonn_export.model.llm import BNB_SUFFIXES, apply_lora, load_base_llm, load_tokenizer, resize_with_mean_rows
+from salmonn_export.model.llm import (
+    BNB_SUFFIXES,
+    apply_lora,
+    consume_tied_lm_head,
+    load_base_llm,
+    load_tokenizer,
+    resize_with_mean_rows,
+)
 from salmonn_export.model.prompts import SPEECH_PLACEHOLDER, builtin_test_prompts, load_prompt_file
 from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer, qformer_windows, window_size
 from salmonn_export.model.weights import torch_load
@@ -63,6 +70,7 @@ class SALMONN(nn.Module):
         base = load_base_llm(config.resolve(m.llama_path))
         if torch.device(device).type == "cuda":
             base = base.half()  # the challenge loads the LLM with torch_dtype=float16; peft keeps LoRA in fp32
+        self.base_vocab_size = base.get_input_embeddings().weight.shape[0]
         resize_with_mean_rows(base, len(self.llama_tokenizer))
         self.speech_llama_proj = nn.Linear(BERT_HIDDEN, base.config.hidden_size)
         self.llama_model = apply_lora(base, m.lora_rank, m.lora_alpha, m.lora_dropout) if m.lora else base
@@ -123,7 +131,11 @@ class SALMONN(nn.Module):
                 key = BEATS_SHARED_BIAS.format(i)
                 if key in provided:
                     shared_bias[key] = provided[key]
-        leftovers = sorted(set(provided) - expected - set(ignored_bnb) - set(shared_bias))
+        lm = self.causal_lm
+        tied = lm.get_output_embeddings() is not None and lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+        tied_head = {k: v for k, v in provided.items() if tied and k.startswith("llama_model.") and k in own
+                     and k.endswith("lm_head.weight")}
+        leftovers = sorted(set(provided) - expected - set(ignored_bnb) - set(shared_bias) - set(tied_head))
         missing = sorted(expected - set(provided))
         path = next(iter(sources.values()))
         if leftovers:
@@ -143,8 +155,11 @@ class SALMONN(nn.Module):
                 if tuple(v.shape) != tuple(table.shape):
                     raise SalmonnError(f"`{k}` has shape {tuple(v.shape)}, BEATs table is {tuple(table.shape)}", path)
                 table.copy_(v)
+        for k, v in tied_head.items():
+            consume_tied_lm_head(lm, v, self.base_vocab_size, k, sources[k])
         return {"loaded": len(expected), "ignored_bnb_quant_state": len(ignored_bnb),
-                "beats_shared_bias": len(shared_bias), "files": sorted({str(p) for p in sources.values()})}
+                "beats_shared_bias": len(shared_bias), "tied_lm_head": len(tied_head),
+                "files": sorted({str(p) for p in sources.values()})}
 
     # ------------------------------------------------------------------ inputs
 
