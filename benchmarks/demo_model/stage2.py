@@ -55,14 +55,15 @@ class LowRankLinear(nn.Module):
         return self.u @ self.v
 
 
-def low_rank_qformer(qformer: SpeechQFormer) -> dict[str, LowRankLinear]:
-    """Swap every Linear of the Q-Former for a LowRankLinear; returns them by module name."""
+def low_rank_qformer(qformer: SpeechQFormer, qk_rank: int = QK_RANK) -> dict[str, LowRankLinear]:
+    """Swap every Linear of the Q-Former for a LowRankLinear; returns them by module name. `qk_rank`
+    is the self-attention query/key rank (QK_RANK suits one query token, where they are inert)."""
     swapped = {}
     for name, module in list(qformer.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{name}.{child_name}" if name else child_name
-                rank = QK_RANK if ".attention.self.query" in full or ".attention.self.key" in full else RANK
+                rank = qk_rank if ".attention.self.query" in full or ".attention.self.key" in full else RANK
                 low = LowRankLinear(child, rank)
                 setattr(module, child_name, low)
                 swapped[full] = low
@@ -70,19 +71,28 @@ def low_rank_qformer(qformer: SpeechQFormer) -> dict[str, LowRankLinear]:
 
 
 def window_queries(ln_speech: nn.LayerNorm, ln_audio: nn.LayerNorm, qformer: SpeechQFormer, query: torch.Tensor,
-                   whisper_out: torch.Tensor, beats_out: list[torch.Tensor], window: int = WINDOW) -> torch.Tensor:
+                   whisper_out: torch.Tensor, beats_out: list[torch.Tensor], window: int = WINDOW,
+                   stride: int | None = None) -> torch.Tensor:
     """The window-level Q-Former pass: normed Whisper ‖ BEATs (padded, or cut, to Whisper's frames),
-    cut into windows, one query each; [B·windows, 1, 768]."""
+    cut into `window`-frame windows every `stride` frames (default: `window`), `query.shape[1]`
+    queries each; [B·windows, queries, 768] (the order `SALMONN.qformer_project` views as
+    [B, windows·queries, ·])."""
     speech = ln_speech(whisper_out)
     audio = torch.stack([F.pad(ln_audio(b), (0, 0, 0, speech.shape[1] - b.shape[0])) for b in beats_out])
-    windows = qformer_windows(torch.cat([speech, audio], dim=-1), window, window)
+    windows = qformer_windows(torch.cat([speech, audio], dim=-1), window, stride or window)
     return qformer.bert(query.expand(windows.shape[0], -1, -1), windows)
 
 
 class Trainee(nn.Module):
-    def __init__(self, llm: Path, whisper_width: int, beats_width: int, ctc_weight: float = 0.0):
+    """The trainable SALMONN parts around a frozen LLM. `window`/`stride` (Whisper frames, 50 per
+    second: the config's `second_per_window`/`second_stride` × 50, rounded) and `queries`
+    (`num_speech_query_token`) must be the values the shipped config states (ship.py writes them)."""
+
+    def __init__(self, llm: Path, whisper_width: int, beats_width: int, ctc_weight: float = 0.0,
+                 window: int = WINDOW, stride: int | None = None, queries: int = 1):
         super().__init__()
         self.ctc_weight = ctc_weight
+        self.window, self.stride, self.queries = window, stride or window, queries
         self.tokenizer = load_tokenizer(llm)
         base = load_base_llm(llm)
         resize_with_mean_rows(base, len(self.tokenizer))
@@ -92,8 +102,8 @@ class Trainee(nn.Module):
         self.ln_speech = nn.LayerNorm(whisper_width)
         self.ln_audio = nn.LayerNorm(beats_width)
         self.speech_Qformer = SpeechQFormer(whisper_width + beats_width)
-        self.low_rank = low_rank_qformer(self.speech_Qformer)
-        self.speech_query_tokens = nn.Parameter(torch.randn(1, 1, BERT_HIDDEN) * 0.02)
+        self.low_rank = low_rank_qformer(self.speech_Qformer, QK_RANK if queries == 1 else RANK)
+        self.speech_query_tokens = nn.Parameter(torch.randn(1, queries, BERT_HIDDEN) * 0.02)
         self.speech_llama_proj = nn.Linear(BERT_HIDDEN, base.config.hidden_size)
         with torch.no_grad():  # start speech tokens near the scale of the LLM's token embeddings
             self.speech_llama_proj.weight.mul_(0.1)
@@ -112,7 +122,8 @@ class Trainee(nn.Module):
 
     def speech(self, whisper_out: torch.Tensor, beats_out: list[torch.Tensor]) -> torch.Tensor:
         out = self.speech_llama_proj(window_queries(self.ln_speech, self.ln_audio, self.speech_Qformer,
-                                                    self.speech_query_tokens, whisper_out, beats_out))
+                                                    self.speech_query_tokens, whisper_out, beats_out,
+                                                    self.window, self.stride))
         return out.view(whisper_out.shape[0], -1, out.shape[-1])
 
     def loss(self, whisper_out, beats_out, tasks, texts) -> tuple[torch.Tensor, float]:
@@ -150,7 +161,7 @@ class Trainee(nn.Module):
         return loss, accuracy
 
     def ctc_loss(self, speech: torch.Tensor, tasks: list[str], texts: list[str]) -> torch.Tensor:
-        """Auxiliary CTC over the 88 speech tokens of the ASR items: each token should point (by
+        """Auxiliary CTC over the speech tokens of the ASR items: each token should point (by
         direction) at the LLM input embedding of the text token it carries, or be the blank (its
         own learned direction and bias). Speech tokens that look like the words, in order, are what
         an LLM that can copy from its prompt reads out best. Training-only: the checkpoint is unchanged."""
@@ -260,7 +271,8 @@ def save_base_llm(model: Trainee, source: Path, out: Path) -> None:
 
 
 def train_salmonn(work: Path, epochs: int, seed: int, log, limit: int | None = None, llm: Path | None = None,
-                  adapt_epochs: int = 0, ctc_weight: float = 0.0) -> dict:
+                  adapt_epochs: int = 0, ctc_weight: float = 0.0, window: int = WINDOW, stride: int | None = None,
+                  queries: int = 1) -> dict:
     """`epochs` epochs in all; the first `adapt_epochs` also train the whole LLM (lr 3e-4), which is
     then saved as `work/llm_adapted` and frozen again for the challenge-shaped LoRA epochs. Only
     those epochs compete for `checkpoint_best.pth`."""
@@ -278,7 +290,7 @@ def train_salmonn(work: Path, epochs: int, seed: int, log, limit: int | None = N
     leaks = {i for i in train if any(s["text"] in valid_text for s in feats.clips[i].get("segments", []))}
     train = sorted(set(train) - set(valid) - leaks)
     source = llm or work / "llm"
-    model = Trainee(source, feats.whisper_width, feats.beats_width, ctc_weight)
+    model = Trainee(source, feats.whisper_width, feats.beats_width, ctc_weight, window, stride, queries)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]

@@ -105,13 +105,39 @@ def _trained_state(artifact: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, metadata
 
 
+# Config fields a demo artifact may set (its `trained.safetensors` metadata `challenge_config`, JSON
+# {"model": {...}, "generate": {...}}): the Q-Former's windowing and query count and the LLM's end
+# symbol are chosen by the training run (benchmarks/demo_model). An artifact without the key was
+# trained with `challenge_config()`'s values (17-frame windows, one query, Llama-3's end symbol).
+DEMO_CONFIG_FIELDS = {"model": {"second_per_window", "second_stride", "num_speech_query_token", "end_sym",
+                                "lora_rank", "lora_alpha"},
+                      "generate": {"end_sym", "max_new_tokens"}}
+
+
+def demo_config(metadata: dict, source: Path) -> dict:
+    """`challenge_config()` with the artifact's own settings applied; SalmonnError for fields outside
+    DEMO_CONFIG_FIELDS or unreadable JSON (`source` names the artifact file)."""
+    config = challenge_config()
+    config["generate"]["max_new_tokens"] = DEMO_MAX_NEW_TOKENS
+    try:
+        chosen = json.loads(metadata.get("challenge_config", "{}"))
+    except ValueError:
+        raise SalmonnError("metadata `challenge_config` is not JSON", source) from None
+    for section, fields in chosen.items():
+        unknown = set(fields) - DEMO_CONFIG_FIELDS.get(section, set())
+        if unknown:
+            raise SalmonnError(f"metadata `challenge_config` sets {section}.{sorted(unknown)[0]}, which a demo may not",
+                               source)
+        config[section].update(fields)
+    return config
+
+
 def materialize_demo(out: str | Path, artifact: Path = DEMO_ARTIFACT, force: bool = True) -> Path:
     """Write the challenge-format SALMONN folder of the shipped demo model (atomic)."""
     from salmonn_export.model.ct2_whisper import convert_ct2_whisper, packaged_tiny_en
 
     state, metadata = _trained_state(artifact)
-    config = challenge_config()
-    config["generate"]["max_new_tokens"] = DEMO_MAX_NEW_TOKENS
+    config = demo_config(metadata, artifact / "trained.safetensors")
     with atomic_dir(out, force) as tmp:
         convert_ct2_whisper(packaged_tiny_en(), tmp / "whisper")
         shutil.copytree(artifact / "llm", tmp / "llm")
