@@ -14,6 +14,7 @@ from salmonn_export.recipes import load_recipe
 from salmonn_export.transforms.calibration import build_calibration, calibration_items
 from salmonn_export.transforms.lora import merged_llm
 from salmonn_export.transforms.quantize import (
+    CodesLinear,
     HessianAccumulator,
     _decoder_layers,
     _for_layer,
@@ -111,3 +112,17 @@ def test_tied_lm_head_quantized_embeddings_untouched(tiny_model, calib, method):
     torch.testing.assert_close(merged.lm_head.weight, result.layers["lm_head"].dequantize())
     assert result.errors["lm_head"]["weight_rel_err"] < 0.2
     json.dumps(result.errors)  # plain floats for the manifest
+
+
+def test_released_weights_are_the_same_model(tiny_model, calib):
+    """release_weights (what build uses): codes-only Linears give the dequantized model's outputs."""
+    merged = merged_llm(tiny_model)
+    recipe = load_recipe("w4a16")
+    kept, released = copy.deepcopy(merged), copy.deepcopy(merged)
+    a = quantize_model(kept, recipe.llm.weights, recipe.llm.skip_modules, calib)
+    b = quantize_model(released, recipe.llm.weights, recipe.llm.skip_modules, calib, release_weights=True)
+    assert all(torch.equal(a.layers[n].codes, b.layers[n].codes) for n in a.layers)
+    assert not target_linears(released, recipe.llm.skip_modules)  # no fp32 quantized weight left
+    assert isinstance(released.model.layers[0].mlp.down_proj, CodesLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(released(**calib[0]).logits, kept(**calib[0]).logits, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ inference) and then run in ONNX Runtime on fresh inputs of other shapes than the
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -26,15 +27,20 @@ def export_component(spec: ExportSpec, out_dir: Path, opset: int = 17, seed: int
     path = out_dir / spec.filename
     gen = torch.Generator().manual_seed(seed)
     args = spec.dummy(gen)
-    tmp = out_dir / f".{spec.filename}.raw"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(spec.wrapper, args, str(tmp), input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-    model = onnx.load(str(tmp))
-    tmp.unlink()
-    for leftover in out_dir.glob(f".{spec.filename}.raw*"):
-        leftover.unlink()
+    # its own folder: past 2 GB (a Whisper-large encoder in fp32) the exporter writes one external file
+    # per initializer beside the graph
+    raw_dir = out_dir / f".{spec.filename}.raw"
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    raw_dir.mkdir()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(spec.wrapper, args, str(raw_dir / "model.onnx"), input_names=spec.input_names,
+                              output_names=spec.output_names, dynamic_axes=spec.dynamic_axes, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+        model = onnx.load(str(raw_dir / "model.onnx"))
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
     save_model(model, path)
     return path
 

@@ -134,6 +134,27 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, q: WeightQuant, block: int
     return QuantizedLinear(codes[:, inverse].to(torch.uint8), scales, q.bits, q.group_size)
 
 
+class CodesLinear(nn.Module):
+    """A quantized Linear [N out, K in] that holds only its codes and scales (1 byte per weight, not 4).
+
+    `weight` is the dequantized fp32 matrix, computed on each access (what graph writers read and
+    check against the codes); `forward` is `F.linear` with it, so outputs equal the dequantized model's.
+    """
+
+    def __init__(self, q: QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.q = q
+        self.in_features, self.out_features = q.codes.shape[1], q.codes.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.q.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def _set_weight(model: nn.Module, module: nn.Linear, weight: torch.Tensor) -> None:
     """Write the dequantized weight; a tied lm_head is untied first so the input embeddings stay as they are."""
     with torch.no_grad():
@@ -161,13 +182,14 @@ def quantize_model(
     skip: tuple[str, ...],
     calibration: list[dict[str, torch.Tensor]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    on_layer: Callable[[str, nn.Linear, QuantizedLinear], nn.Module] | None = None,
+    release_weights: bool = False,
 ) -> QuantResult:
     """Quantize `model`'s Linear layers in place and return the codes.
 
-    By default each Linear keeps its module and gets its dequantized weight (fp32). With `on_layer`,
-    each Linear is replaced by the module `on_layer(name, linear, codes)` returns as soon as it is
-    quantized, so the fp32 weight is freed layer by layer (how `build` fits a 3B LLM in memory).
+    By default each Linear keeps its module and gets its dequantized weight (fp32). With
+    `release_weights`, each Linear is replaced by a `CodesLinear` (its uint8 codes, dequantized on
+    use) as soon as it is quantized, so fp32 weights are freed layer by layer (how `build` fits a
+    3B LLM in memory).
     A tied `lm_head` (when not skipped) is untied first: the input embeddings keep full precision.
 
     `calibration` holds forward kwargs (`inputs_embeds` [1, S, hidden] fp32, `attention_mask`
@@ -188,10 +210,10 @@ def quantize_model(
         module = linears.pop(name)
         result.errors[name] = errors
         result.layers[name] = ql
-        if on_layer is None:
-            _set_weight(model, module, ql.dequantize())
+        if release_weights:
+            _replace_module(model, name, CodesLinear(ql, module.bias))
         else:
-            _replace_module(model, name, on_layer(name, module, ql))
+            _set_weight(model, module, ql.dequantize())
         if progress:
             progress(name, len(result.layers), total)
 
