@@ -136,9 +136,9 @@ def test_validator_rules(tmp_path):
     report = validate_submission(path)
     joined = "\n".join(report["problems"])
     assert not report["valid"]
-    assert "bad01" in joined and "duplicate testset_id: test0001" in joined and "empty text" in joined
+    assert "'bad01'" in joined and "duplicate testset_id: 'test0001'" in joined and "empty text" in joined
     (tmp_path / "cols.csv").write_text("id,text\ntest0001,x\n")
     assert "columns must be exactly" in validate_submission(tmp_path / "cols.csv")["problems"][0]
     write_submission(tmp_path / "ok.csv", [("test0000", ""), ("test0001", "a\rb, \"c\"")])
     assert validate_submission(tmp_path / "ok.csv")["valid"]
-    assert read_submission(tmp_path / "ok.csv") == [("test0000", " "), ("test0001", "a\rb, \"c\"")]
+    assert read_submission(tmp_path / "ok.csv") == [("test0000", "\u00a0"), ("test0001", "a\rb, \"c\"")]

@@ -118,8 +118,18 @@ def eval_cmd(
     for s_ in summary["skipped"]:
         err.print(f"skipped {s_['testset_id']}: {s_['audio']}: {s_['reason']}")
     if "score" in summary:
-        sc = summary["score"]
-        out.print(f"WER: {sc['wer_percent']:0.4f}%" if task == "asr" else f"SPIDEr (CIDEr-D x100): {sc['spider']}")
+        print_score(task, summary["score"])
+    if "score_error" in summary:
+        err.print(f"warning: not scored: {summary['score_error']}", highlight=False)
+
+
+def print_score(task: str, result: dict) -> None:
+    """The challenge's printed line (`WER: x.xxxx%` / the SPIDEr value) plus a warning for empty references."""
+    out.print(f"WER: {result['wer_percent']:0.4f}%" if task == "asr" else f"SPIDEr (CIDEr-D x100): {result['spider']}")
+    if result.get("empty_references"):
+        what = "normalise to no words (their hypothesis words count as insertions)" if task == "asr" else \
+            "are empty (each scores 0 whatever the hypothesis)"
+        err.print(f"warning: {result['empty_references']} references {what}", highlight=False)
 
 
 @app.command()
@@ -132,29 +142,27 @@ def score(
 ):
     """Score any submission CSV exactly as the challenge does (WER or its CIDEr-D "SPIDEr").
 
+    The CSV is read as the challenge's pandas reader reads it and must first pass every
+    validate-submission check against the task's annotation items (columns, ids, texts pandas reads
+    as strings, no duplicate, missing or unknown ids): otherwise one error line, exit 2, nothing scored.
+
+    WER is corpus-level (sum of edits / sum of reference words after Whisper's English normaliser).
+    A reference that normalises to no words ("", "uh", "um, uh", punctuation only) adds its
+    hypothesis words as insertions; when NO reference has a word, WER is undefined and score exits 2
+    with an error (the challenge's metrics.py divides by zero there). For aac, an empty reference
+    scores 0 for its item, as in the challenge; both are counted in `empty_references`.
+
     Example: salmonn-export score --task aac --submission sub.csv --annotation ann.json
     """
     from salmonn_export.dataset import read_annotation
-    from salmonn_export.harness.evaluate import score as compute
-    from salmonn_export.harness.submission import read_submission
+    from salmonn_export.harness.scoring import score_submission
 
-    examples = read_annotation(annotation, task)
-    refs = {e.testset_id: e.text for e in examples}
-    rows = [(t, x) for t, x in read_submission(submission) if t in refs]
-    if not rows:
-        raise SalmonnError(f"no submission ids match the annotation's {task} items", submission)
-    if any(refs[t] is None for t, _ in rows):
-        raise SalmonnError("the annotation has no `text` for some items", annotation)
-    result = compute(task, [x for _, x in rows], [refs[t] for t, _ in rows])
+    result = score_submission(submission, read_annotation(annotation, task), task, annotation)
     result.pop("items")
-    result["scored_items"] = len(rows)
-    result["missing_items"] = len(refs) - len(rows)
     if as_json:
         print(json.dumps(result, indent=1))
     else:
-        out.print(f"WER: {result['wer_percent']:0.4f}%" if task == "asr" else f"SPIDEr (CIDEr-D x100): {result['spider']}")
-        if result["missing_items"]:
-            err.print(f"warning: {result['missing_items']} annotation items have no row in the submission")
+        print_score(task, result)
 
 
 @app.command("validate-submission")
@@ -182,7 +190,7 @@ def validate_submission_cmd(
     else:
         out.print(f"{submission}: {'valid' if report['valid'] else 'INVALID'} ({report['rows']} rows)")
         for p in report["problems"]:
-            out.print(f"  - {p}", highlight=False)
+            out.print(f"  - {p}", highlight=False, soft_wrap=True)
     if not report["valid"]:
         raise typer.Exit(1)
 

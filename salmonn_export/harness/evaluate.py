@@ -21,7 +21,8 @@ import numpy as np
 from salmonn_export.audio import load_audio
 from salmonn_export.dataset import Example
 from salmonn_export.errors import SalmonnError
-from salmonn_export.harness.metrics import compute_spider, compute_wer, standard_cider_d
+from salmonn_export.harness.metrics import compute_spider, compute_wer
+from salmonn_export.harness.scoring import score_submission
 from salmonn_export.harness.submission import write_submission
 
 # backend(waves, annotation task keys) -> texts
@@ -95,16 +96,6 @@ def _append(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def score(task: str, hyps: list[str], refs: list[str]) -> dict:
-    if task == "asr":
-        return compute_wer(hyps, refs)
-    result = compute_spider(hyps, refs)
-    std = standard_cider_d(hyps, refs)
-    result["standard_cider_d"] = std if std is not None else "pycocoevalcap not installed"
-    result["spice"] = "not computed: SPICE needs Java and Stanford CoreNLP models, never downloaded at run time"
-    return result
-
-
 def batch_records(backend: Backend, batch: list[Example], skip_bad_audio: bool) -> list[dict]:
     """One batch → partial-file records (texts, or listed skips of unreadable audio)."""
     waves, ok, records = [], [], []
@@ -169,25 +160,33 @@ def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], 
     write_submission(options.out, rows)
     summary = {"csv": str(options.out), "rows": len(rows), "skipped": skipped, "resumed_items": resumed,
                "task": options.task, "backend": backend_id, "shard": list(options.shard)}
-    scored = [(e, done[e.testset_id]["text"]) for e in examples if e.text is not None and "text" in done[e.testset_id]]
-    if scored and (options.task == "asr" or len(scored) >= 2):
-        result = score(options.task, [t for _, t in scored], [e.text for e, _ in scored])
-        details = result.pop("items")
-        summary["score"] = result
-        summary["items"] = [{"testset_id": e.testset_id, "reference": e.text, "hypothesis": t, **(
-            d if isinstance(d, dict) else {"cider_d": d})} for (e, t), d in zip(scored, details)]
-        from salmonn_export.bundle import write_json
+    # scored from the CSV just written, through the same checks and metric as `score`
+    written = [e for e in examples if "text" in done[e.testset_id]]
+    with_refs = [e for e in written if e.text is not None]
+    if with_refs and (options.task == "asr" or len(with_refs) >= 2):
+        try:
+            result = score_submission(options.out, written, options.task, require_references=False)
+        except SalmonnError as exc:
+            summary["score_error"] = exc.problem
+        else:
+            summary["items"] = result.pop("items")
+            summary["score"] = result
+            from salmonn_export.bundle import write_json
 
-        write_json(options.out.with_name(options.out.stem + ".score.json"), summary)
+            write_json(options.out.with_name(options.out.stem + ".score.json"), summary)
     partial.unlink()
     return summary
 
 
 def _running_score(task: str, examples: list[Example], done: dict[str, dict]) -> dict | None:
+    """The metric over the items finished so far (progress display only; None while undefined)."""
     pairs = [(done[e.testset_id]["text"], e.text) for e in examples
              if e.text is not None and e.testset_id in done and "text" in done[e.testset_id]]
-    if task == "asr" and pairs:
-        return {"wer": compute_wer([h for h, _ in pairs], [r for _, r in pairs])["wer"]}
-    if task == "aac" and len(pairs) >= 2:
-        return {"spider": compute_spider([h for h, _ in pairs], [r for _, r in pairs])["spider"]}
+    try:
+        if task == "asr" and pairs:
+            return {"wer": compute_wer([h for h, _ in pairs], [r for _, r in pairs])["wer"]}
+        if task == "aac" and len(pairs) >= 2:
+            return {"spider": compute_spider([h for h, _ in pairs], [r for _, r in pairs])["spider"]}
+    except SalmonnError:  # e.g. no reference word yet
+        return None
     return None

@@ -1,23 +1,66 @@
 """Submission CSVs, as the challenge writes, reads and checks them (annotations: `dataset.py`).
 
-Submission CSV: exactly the columns `testset_id,text`, written like pandas `to_csv(index=False)`
-(minimal quoting). An empty hypothesis is written as a single space: pandas reads an empty field
-as NaN, which the challenge validator rejects; " " reads back as a string and scores like "".
+Reading: the challenge's validator reads a submission with `pandas.read_csv(path)` and its defaults
+(UTF-8, a leading BOM dropped, CRLF or LF line ends, quoted fields, blank lines skipped, the
+`na_values` list below turned into NaN, column types inferred). We read with the same call, so we
+accept exactly what it accepts; anything it cannot read (bytes that are not UTF-8, unbalanced
+quotes, ...) is one `SalmonnError` naming the file and the problem.
+
+Checks (one place, `submission_problems`, used by `validate-submission`, `score` and `eval`): the
+validator's three rules — columns exactly `testset_id,text`, ids matching `^test\\d{4}$`, every text
+read as a string (an empty field, `nan`, `null`, `N/A`, ... or a column of only numbers is not) —
+plus duplicate ids and, given the annotation, missing and unknown ids.
+
+Writing: like pandas `to_csv(index=False)` (minimal quoting; a text holding a carriage return is
+quoted too). A text that pandas' default reader would not read back as a string (an NA marker such
+as `nan`, the empty text, a number, `True`/`False`) gets one trailing no-break space (U+00A0): pandas
+then reads it as that string, and it scores exactly as the bare text (Whisper's normaliser turns
+U+00A0 into a space and whitespace never makes a token; the captioning metric splits on
+whitespace). Every written file is read back and checked before it replaces the target.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from salmonn_export.dataset import Example
 from salmonn_export.errors import SalmonnError
 
+COLUMNS = ["testset_id", "text"]
 ID_PATTERN = re.compile(r"^test\d{4}$")
-EMPTY_TEXT = " "
+# pandas' default `na_values` (`pandas._libs.parsers.STR_NA_VALUES`, pandas 2.x and 3.x, tested against
+# the installed pandas): `read_csv` turns a field equal to one of these (after unquoting) into NaN.
+PANDAS_NA_VALUES = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+    "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+})
+# pandas' default true/false spellings: a column of only these is read as booleans
+PANDAS_BOOL_VALUES = frozenset({"True", "TRUE", "true", "False", "FALSE", "false"})
+SCORE_NEUTRAL_PAD = "\u00a0"
+
+
+def _reads_as_non_string(text: str) -> bool:
+    """Could pandas' default reader turn this field into something other than this string? (NaN,
+    a number or a boolean; over-inclusive on purpose: padding a text never changes its score.)"""
+    if text in PANDAS_NA_VALUES or text.strip() in PANDAS_BOOL_VALUES:
+        return True
+    try:
+        float(text.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def safe_text(text: str) -> str:
+    """The text as written to a submission: unchanged, or with the score-neutral U+00A0 appended when
+    pandas would otherwise read it as NaN, a number or a boolean."""
+    return text + SCORE_NEUTRAL_PAD if _reads_as_non_string(text) else text
 
 
 def csv_text(rows: list[tuple[str, str]]) -> str:
@@ -27,69 +70,137 @@ def csv_text(rows: list[tuple[str, str]]) -> str:
     buf = io.StringIO()
     minimal = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
     quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    minimal.writerow(["testset_id", "text"])
+    minimal.writerow(COLUMNS)
     for tid, text in rows:
-        text = text if text != "" else EMPTY_TEXT
+        text = safe_text(text)
         (quoted if "\r" in text else minimal).writerow([tid, text])
     return buf.getvalue()
 
 
 def write_submission(path: str | Path, rows: list[tuple[str, str]]) -> None:
-    """Atomic write (temp file + rename)."""
+    """Write `(testset_id, text)` rows atomically (temp file + rename), texts through `safe_text`.
+
+    The temp file is read back as the challenge reads it first; a text that would not come back as
+    written is a bug here and raises RuntimeError (the target is left as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(csv_text(rows))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(csv_text(rows))
+            f.flush()
+            os.fsync(f.fileno())
+        raw, challenge_texts = _read_both(tmp)
+        expected = [(t, safe_text(x)) for t, x in rows]
+        bad = [i for i, (want, got, seen) in enumerate(zip(expected, raw, challenge_texts))
+               if got != want or not isinstance(seen, str)]
+        if len(raw) != len(rows) or bad:
+            raise RuntimeError(f"internal error: the submission writer produced a file pandas misreads (rows {bad[:5]})")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_utf8(path: Path) -> None:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SalmonnError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} (the challenge reads "
+                           "submissions with pandas' UTF-8 default; save the file as UTF-8)", path) from None
+
+
+def _read_both(path: Path) -> tuple[list[tuple[str, str]], list]:
+    """(rows as the strings pandas tokenises, the `text` values the challenge's `pd.read_csv(path)` gives)."""
+    import pandas as pd
+
+    try:
+        raw = pd.read_csv(path, dtype=object, keep_default_na=False, na_filter=False)
+        challenge = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise SalmonnError("submission is empty (no header line)", path) from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0].replace("Error tokenizing data. C error: ", "")
+        raise SalmonnError(f"pandas cannot read this CSV ({message})", path) from None
+    if list(raw.columns) != COLUMNS:
+        raise SalmonnError(f"columns must be exactly testset_id,text (got {list(map(str, raw.columns))!r})", path)
+    rows = [(str(t), str(x)) for t, x in zip(raw["testset_id"], raw["text"])]
+    return rows, list(challenge["text"])
 
 
 def read_submission(path: str | Path) -> list[tuple[str, str]]:
+    """`(testset_id, text)` rows of a submission CSV, as strings exactly as pandas tokenises them.
+
+    Raises SalmonnError (naming the file) when it is missing, not UTF-8, unreadable by pandas or
+    lacks exactly the columns testset_id,text. Texts pandas would read as NaN are returned as written
+    (`validate_submission` reports them)."""
+    return _load(path)[0]
+
+
+def _load(path: str | Path) -> tuple[list[tuple[str, str]], list]:
     path = Path(path)
     if not path.is_file():
         raise SalmonnError("submission file not found", path)
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise SalmonnError("submission is empty", path)
-    if rows[0] != ["testset_id", "text"]:
-        raise SalmonnError(f"columns must be exactly testset_id,text (got {','.join(rows[0])})", path)
-    out = []
-    for i, r in enumerate(rows[1:], 2):
-        if len(r) != 2:
-            raise SalmonnError(f"line {i} has {len(r)} fields, expected 2", path)
-        out.append((r[0], r[1]))
-    return out
+    _check_utf8(path)
+    return _read_both(path)
+
+
+def submission_problems(rows: list[tuple[str, str]], challenge_texts: list, annotation: list[Example] | None) -> list[str]:
+    """Every rule a submission breaks, one line each (repr() for ids and texts, so nothing is invisible).
+
+    `challenge_texts`: the `text` values as pandas' default reader gives them (str, NaN, numbers)."""
+    problems: list[str] = []
+    for i, ((tid, raw), seen) in enumerate(zip(rows, challenge_texts), 1):
+        if not ID_PATTERN.match(tid):
+            problems.append(f"row {i}: testset_id {tid!r} does not match ^test\\d{{4}}$")
+        if isinstance(seen, str):
+            continue
+        if isinstance(seen, float) and math.isnan(seen):
+            what = "empty text" if raw == "" else f"text {raw!r}"
+            problems.append(f"row {i} ({tid!r}): {what} is read by pandas as missing (NaN); the challenge validator "
+                            "rejects it")
+        else:
+            problems.append(f"row {i} ({tid!r}): text {raw!r} is read by pandas as {type(seen).__name__} {seen!r}, "
+                            "not a string (a column of only numbers or booleans); the challenge validator rejects it")
+    counts = Counter(t for t, _ in rows)
+    seen_ids = set(counts)
+    dupes = sorted(t for t, n in counts.items() if n > 1)
+    if dupes:
+        problems.append(f"duplicate testset_id: {', '.join(map(repr, dupes[:5]))}"
+                        + (f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""))
+    if annotation is not None:
+        expected = {e.testset_id for e in annotation}
+        missing = sorted(expected - seen_ids)
+        unknown = sorted(seen_ids - expected)
+        if missing:
+            problems.append(f"{len(missing)} annotation ids missing, e.g. {', '.join(map(repr, missing[:5]))}")
+        if unknown:
+            problems.append(f"{len(unknown)} ids not in the annotation, e.g. {', '.join(map(repr, unknown[:5]))}")
+    return problems
 
 
 def validate_submission(path: str | Path, annotation: list[Example] | None = None) -> dict:
-    """The challenge validator's three rules (columns, `^test\\d{4}$` ids, string texts — an empty field
-    is NaN to pandas and fails) plus duplicate ids and, with an annotation, missing/unknown ids."""
-    problems: list[str] = []
+    """`{"valid", "rows", "problems"}`: `submission_problems` of a file; a file that cannot be read at all
+    is invalid with that one problem."""
     try:
-        rows = read_submission(path)
+        rows, challenge_texts = _load(path)
     except SalmonnError as exc:
         return {"valid": False, "rows": 0, "problems": [exc.problem]}
-    ids = [r[0] for r in rows]
-    for i, (tid, text) in enumerate(rows, 2):
-        if not ID_PATTERN.match(tid):
-            problems.append(f"line {i}: testset_id {tid!r} does not match ^test\\d{{4}}$")
-        if text == "":
-            problems.append(f"line {i}: empty text (pandas reads it as NaN; the challenge validator rejects it)")
-    dupes = sorted({t for t in ids if ids.count(t) > 1})
-    if dupes:
-        problems.append(f"duplicate testset_id: {', '.join(dupes[:5])}")
-    if annotation is not None:
-        expected = {e.testset_id for e in annotation}
-        missing = sorted(expected - set(ids))
-        unknown = sorted(set(ids) - expected)
-        if missing:
-            problems.append(f"{len(missing)} annotation ids missing, e.g. {', '.join(missing[:5])}")
-        if unknown:
-            problems.append(f"{len(unknown)} ids not in the annotation, e.g. {', '.join(unknown[:5])}")
+    problems = submission_problems(rows, challenge_texts, annotation)
     return {"valid": not problems, "rows": len(rows), "problems": problems}
+
+
+def checked_submission(path: str | Path, annotation: list[Example]) -> list[tuple[str, str]]:
+    """The rows of a submission that passes every check against `annotation`, in file order.
+
+    Raises SalmonnError naming the file with the problems (the first three, and how many in all)."""
+    rows, challenge_texts = _load(path)
+    problems = submission_problems(rows, challenge_texts, annotation)
+    if problems:
+        more = f" (and {len(problems) - 3} more; see validate-submission)" if len(problems) > 3 else ""
+        raise SalmonnError(f"invalid submission: {'; '.join(problems[:3])}{more}", path)
+    return rows
 
 
 def merge_submissions(parts: list[str | Path], annotation: list[Example] | None = None) -> list[tuple[str, str]]:
@@ -99,7 +210,7 @@ def merge_submissions(parts: list[str | Path], annotation: list[Example] | None 
     for part in parts:
         for tid, text in read_submission(part):
             if tid in rows:
-                raise SalmonnError(f"testset_id `{tid}` appears in more than one shard", part)
+                raise SalmonnError(f"testset_id {tid!r} appears in more than one shard", part)
             rows[tid] = text
             order.append(tid)
     if annotation is not None:

@@ -7,7 +7,7 @@
   BEATs runs per clip (its padding is batch-dependent), Whisper and the Q-Former run batched, and
   generation is batched per task (mixed tasks would put [PAD] inside prompts).
 - Backpressure: a full queue answers 503 with Retry-After; uploads over `max_upload_mb` or audio
-  over `max_audio_seconds` get 413; unreadable audio 400; a request not finished in
+  over `max_audio_seconds` get 413; unreadable audio or NaN/±inf samples 400; a request not finished in
   `request_timeout_s` 504. With an API key, requests need `Authorization: Bearer <key>` (401).
   Uploads are decoded in memory; anything the framework spools goes to a private 0700 temp folder
   removed at shutdown. No request field is ever used as a path.
@@ -32,7 +32,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile  # module level: FastAPI resolves these annotations
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from salmonn_export.audio import SAMPLE_RATE, load_audio_bytes
+from salmonn_export.audio import load_clip_bytes
 from salmonn_export.errors import SalmonnError
 
 
@@ -224,11 +224,11 @@ def create_app(settings: ServeSettings, engine=None):
         if seconds > settings.max_audio_seconds:
             return error(endpoint, 413, f"audio longer than {settings.max_audio_seconds:g} s", "too_long")
         try:
-            wave = load_audio_bytes(data, "upload")
+            clip = load_clip_bytes(data, "upload")
         except SalmonnError as exc:
-            return error(endpoint, 400, f"unreadable audio: {exc.problem}", "bad_audio")
+            return error(endpoint, 400, exc.problem, "bad_audio")
         try:
-            future = state["batcher"].submit(wave, task)
+            future = state["batcher"].submit(clip.wave, task)
         except asyncio.QueueFull:
             return error(endpoint, 503, "server busy: queue full", "queue_full", {"Retry-After": "1"})
         try:
@@ -240,12 +240,16 @@ def create_app(settings: ServeSettings, engine=None):
             return error(endpoint, 500, f"inference failed: {type(exc).__name__}: {exc}", "inference_error")
         state["metrics"].latency.observe(time.perf_counter() - start)
         state["metrics"].requests.labels(endpoint, "200").inc()
+        # audio past the model's 30 s window is dropped (as the challenge does): say so
+        dropped = {"X-Audio-Dropped-Seconds": f"{clip.dropped_seconds:.3f}"} if clip.dropped_seconds else None
         if response_format == "text":
-            return PlainTextResponse(text)
+            return PlainTextResponse(text, headers=dropped)
         if response_format == "verbose_json":
-            return {"task": "transcribe" if task == "asr" else "caption", "language": "english",
-                    "duration": seconds or len(wave) / SAMPLE_RATE, "text": text, "segments": []}
-        return {"text": text}
+            body = {"task": "transcribe" if task == "asr" else "caption", "language": "english",
+                    "duration": clip.native_seconds, "text": text, "segments": [],
+                    "dropped_seconds": round(clip.dropped_seconds, 3)}
+            return JSONResponse(body, headers=dropped)
+        return JSONResponse({"text": text}, headers=dropped)
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request, file: UploadFile = File(...), model: str = Form("salmonn"),
