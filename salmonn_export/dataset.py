@@ -1,4 +1,4 @@
-"""Test sets: the challenge's annotation JSON and plain audio folders.
+"""Test sets: the challenge's annotation JSON and plain audio folders; which data a command uses.
 
 Annotation JSON (spec 4): `{"annotation": [{"testset_id", "path", "task"?, "text"?, "Q"?}]}`;
 `task` defaults to "asr"; task `aac` selects `audiocaption_v2`. Paths: `audio_root + '/' + path`
@@ -7,11 +7,13 @@ like the challenge's prefix when a root is given, else relative to the annotatio
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from salmonn_export.errors import SalmonnError
+from salmonn_export.model.config import SalmonnConfig
 from salmonn_export.tasks import TASK_KEYS
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -76,4 +78,69 @@ def read_annotation(path: str | Path, task: str | None = None, audio_root: str |
         raise SalmonnError(f"no items with task `{wanted}` in this annotation", path)
     return out
 
+# A config's own data, in the order a default picks it (spec 1.3: `datasets:` fields).
+ANNOTATION_FIELDS = ("valid_ann_path", "test_ann_path", "train_ann_path")
+DEMO_ORIGIN = "the demo clips"
 
+
+@dataclass(frozen=True)
+class DataSource:
+    """Audio a command calibrates or verifies on, and where that choice came from.
+
+    `path` is an audio folder or a challenge annotation .json; `origin` says why it was chosen
+    (the option given, the config's `datasets.<field>`, or DEMO_ORIGIN); `audio_root` is the
+    config's `datasets.prefix` (annotation paths are `prefix + '/' + path` there, spec 1.3), else
+    None (paths relative to the annotation file).
+    """
+
+    path: Path
+    origin: str
+    audio_root: Path | None = None
+
+    @property
+    def is_demo(self) -> bool:
+        return self.origin == DEMO_ORIGIN
+
+    def record(self) -> dict:
+        """What a manifest or report keeps: path, origin, prefix and sha256 — of the annotation file,
+        or for a folder of the sorted `relative path  sha256` lines of its audio files."""
+        if self.path.is_file():
+            digest = _sha256(self.path.read_bytes())
+        else:
+            lines = [f"{f.relative_to(self.path).as_posix()}  {_sha256(f.read_bytes())}\n" for f in audio_files(self.path)]
+            digest = _sha256("".join(lines).encode())
+        return {"source": str(self.path), "origin": self.origin, "sha256": digest,
+                "audio_root": None if self.audio_root is None else str(self.audio_root)}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, purpose: str) -> DataSource:
+    """The data `build` calibrates on / `verify` checks with — never a silent fallback to the demo's.
+
+    Order: the path given with `option` (e.g. "--calib"); else the config's own `datasets:`
+    annotation (valid_ann_path, else test_ann_path, else train_ann_path) with `datasets.prefix` as
+    audio root; else, only for the embedded demo model, its clips (DEMO_ORIGIN). Raises
+    SalmonnError (naming the config) when none applies; `purpose` words it ("calibration").
+    A named annotation that does not exist is an error, not a reason to try the next field.
+    """
+    if given is not None:
+        return DataSource(Path(given), option)
+    datasets = config.datasets or {}
+    for name in ANNOTATION_FIELDS:
+        value = datasets.get(name)
+        if value:
+            path = config.resolve(str(value))
+            if not path.is_file():
+                raise SalmonnError(f"`datasets.{name}` names an annotation file that does not exist: {path}",
+                                   config.path)
+            prefix = datasets.get("prefix")
+            return DataSource(path, f"datasets.{name}", config.resolve(str(prefix)) if prefix else None)
+    from salmonn_export.model.demo import demo_dir
+
+    if config.path is not None and config.path.resolve() == (demo_dir() / "config.yaml").resolve():
+        return DataSource(config.path.parent / "audio", DEMO_ORIGIN)
+    raise SalmonnError(f"no {purpose} data: `datasets:` names no {', '.join(ANNOTATION_FIELDS)}; pass {option} "
+                       "AUDIO_FOLDER or ANNOTATION.json", config.path)

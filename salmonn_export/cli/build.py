@@ -54,7 +54,8 @@ def build(
     model: ModelOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default engines/<model>-<recipe>).")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration audio: a folder or an annotation .json "
-                                                    "(default: the demo clips).")] = None,
+                                                    "(default: the config's datasets valid/test/train annotation; "
+                                                    "the demo clips for the demo model).")] = None,
     calib_samples: Annotated[int | None, typer.Option(help="Calibration sequences (default from the recipe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines for the encoders and Q-Former.")] = False,

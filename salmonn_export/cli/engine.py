@@ -62,7 +62,8 @@ def verify(
     engine: Annotated[Path | None, typer.Argument(help="Engine bundle (default: the demo w4a16 bundle).")] = None,
     model: ModelOpt = None,
     data: Annotated[Path | None, typer.Option(help="Audio folder (both tasks per file) or annotation .json "
-                                                   "(default: the demo clips).")] = None,
+                                                   "(default: the config's datasets valid/test/train annotation; "
+                                                   "the demo clips for the demo model).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here (and a .md beside it).")] = None,
     num_beams: Annotated[int | None, typer.Option(help="Override num_beams for the end-to-end texts.")] = None,
     as_json: JsonOpt = False,
@@ -75,8 +76,10 @@ def verify(
     """
     from rich.progress import Progress
 
+    from salmonn_export.dataset import choose_data
     from salmonn_export.harness.parity import Item, judge, markdown_report, verify_items
     from salmonn_export.harness.parity import verify as run_verify
+    from salmonn_export.model.config import load_config
     from salmonn_export.model.salmonn import load_salmonn
     from salmonn_export.runtime.engine import Engine
 
@@ -85,21 +88,22 @@ def verify(
     config = model or Path(eng.manifest["source"]["config"])
     if not config.is_file():
         raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
-    reference = load_salmonn(config)
+    source = choose_data(load_config(config), data, "--data", "verification")
 
     def demo_items():
         from salmonn_export.model.demo import demo_clips
 
         return [Item(p, "asr") for p in demo_clips("asr")] + [Item(p, "aac") for p in demo_clips("aac")]
 
-    items = verify_items(data, demo_items)
+    items = demo_items() if source.is_demo else verify_items(source.path, demo_items, source.audio_root)
+    reference = load_salmonn(config)
     with Progress(console=err, transient=True) as progress:
         task_id = progress.add_task("verifying", total=len(items))
         result = run_verify(reference, eng, items, lambda done, total: progress.update(task_id, completed=done),
                             num_beams=num_beams)
     verdict = judge(result, eng.manifest)
     recipe = eng.manifest["recipe"]["name"]
-    full = {"bundle": str(bundle), "recipe": recipe, **result, "verdict": verdict}
+    full = {"bundle": str(bundle), "recipe": recipe, "data": source.record(), **result, "verdict": verdict}
     if report is not None:
         from salmonn_export.bundle import write_json
 

@@ -22,8 +22,9 @@ import onnx
 import torch
 
 from salmonn_export import __version__
-from salmonn_export.errors import SalmonnError
 from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
+from salmonn_export.dataset import DataSource, choose_data
+from salmonn_export.errors import SalmonnError
 from salmonn_export.export.matmul_nbits import inject_matmul_nbits
 from salmonn_export.export.onnx_export import (
     check_model,
@@ -48,7 +49,7 @@ FP16_MIN_COSINE = 0.999
 @dataclass
 class BuildOptions:
     out: Path
-    calib: Path | None = None
+    calib: Path | None = None  # audio folder or annotation .json; None: the config's datasets (choose_data)
     calib_samples: int | None = None
     force: bool = False
     trt: bool = False
@@ -140,13 +141,17 @@ def build_bundle(config_path: Path, recipe: Recipe, options: BuildOptions, log: 
     out = options.out.expanduser().resolve()
     if out.exists() and not options.force:
         raise SalmonnError("bundle already exists (use --force to replace it)", out)
+    calib_data = None
+    if recipe.llm.weights is not None:  # chosen before the slow load: a missing source stops the build at once
+        calib_data = choose_data(load_config(config_path), options.calib, "--calib", "calibration")
     with atomic_dir(out, force=True, what="bundle") as tmp:
-        report = _build_into(tmp, config_path, recipe, options, log)
+        report = _build_into(tmp, config_path, recipe, options, log, calib_data)
     report["bundle"] = str(out)
     return report
 
 
-def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog) -> dict:
+def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog,
+                calib_data: DataSource | None) -> dict:
     torch.manual_seed(options.seed)
     with log.stage("load reference"):
         cfg = load_config(config_path)
@@ -161,16 +166,12 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
     if weights is not None:
         sequences = []
         with log.stage("calibration data"):
-            source = options.calib
-            if source is None:
-                from salmonn_export.model.demo import ensure_demo_model
-
-                source = ensure_demo_model().parent / "audio"
             settings = recipe.calibration
             if options.calib_samples:
                 settings = replace(settings, samples=options.calib_samples)
-            sequences = build_calibration(salmonn, calibration_items(source), settings)
-            calib_info = {"source": str(source), "sequences": len(sequences),
+            items = calibration_items(calib_data.path, calib_data.audio_root)
+            sequences = build_calibration(salmonn, items, settings)
+            calib_info = {**calib_data.record(), "sequences": len(sequences),
                           "tokens": int(sum(s["inputs_embeds"].shape[1] for s in sequences)),
                           "settings": asdict(settings)}
         reference_llm = copy.deepcopy(llm)

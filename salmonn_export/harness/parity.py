@@ -33,15 +33,17 @@ class Item:
     text: str | None = None
 
 
-def verify_items(data: str | Path | None, default: Callable[[], list[Item]]) -> list[Item]:
-    """Audio folder (every file, both tasks), or a challenge annotation JSON, or the default set."""
+def verify_items(data: str | Path | None, default: Callable[[], list[Item]],
+                 audio_root: str | Path | None = None) -> list[Item]:
+    """Audio folder (every file, both tasks), or a challenge annotation JSON (paths under
+    `audio_root`, the config's `datasets.prefix`, when given), or the default set."""
     if data is None:
         return default()
     data = Path(data)
     if data.is_dir():
         return [Item(f, t) for f in audio_files(data) for t in ("asr", "aac")]
     if data.is_file() and data.suffix == ".json":
-        return [Item(e.audio, short_task(e.task), e.text) for e in read_annotation(data)]
+        return [Item(e.audio, short_task(e.task), e.text) for e in read_annotation(data, audio_root=audio_root)]
     raise SalmonnError("--data must be an audio folder or an annotation .json", data)
 
 

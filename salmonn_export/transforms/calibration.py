@@ -27,14 +27,15 @@ class CalibItem:
     task: str | None = None
 
 
-def calibration_items(source: str | Path) -> list[CalibItem]:
-    """Audio from a folder (all audio files, sorted) or a challenge annotation JSON (with texts)."""
+def calibration_items(source: str | Path, audio_root: str | Path | None = None) -> list[CalibItem]:
+    """Audio from a folder (all audio files, sorted) or a challenge annotation JSON (with texts;
+    its paths under `audio_root`, the config's `datasets.prefix`, when given)."""
     source = Path(source)
     if source.is_dir():
         return [CalibItem(p) for p in audio_files(source)]
     if source.suffix == ".json" and source.is_file():
-        return [CalibItem(e.audio, e.text, short_task(e.task)) for e in read_annotation(source)]
-    raise SalmonnError("--calib must be an audio folder or an annotation .json", source)
+        return [CalibItem(e.audio, e.text, short_task(e.task)) for e in read_annotation(source, audio_root=audio_root)]
+    raise SalmonnError("calibration data must be an audio folder or an annotation .json", source)
 
 
 @torch.no_grad()

@@ -1,0 +1,139 @@
+"""`build` and `verify` data: the option given, else the config's own annotation, else (demo only) the
+demo clips — never a silent fallback to the demo's clips for a user's model."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from salmonn_export.dataset import DEMO_ORIGIN, choose_data
+from salmonn_export.errors import SalmonnError
+from salmonn_export.model.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "300"})
+
+
+def _config_with_datasets(src: Path, dst: Path, datasets: dict) -> Path:
+    """A config beside `src`'s files (same folder layout via links) whose `datasets:` is replaced."""
+    dst.mkdir()
+    for entry in src.iterdir():
+        if entry.name != "config.yaml":
+            (dst / entry.name).symlink_to(entry)
+    raw = yaml.safe_load((src / "config.yaml").read_text())
+    raw["datasets"] = datasets
+    (dst / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dst / "config.yaml"
+
+
+@pytest.fixture
+def annotated(challenge_fixture, tmp_path):
+    """The challenge fixture's folder with three annotation files to choose between."""
+    ann = json.loads((challenge_fixture / "ann.json").read_text())
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, n in (("valid.json", 1), ("test.json", 2), ("train.json", 3)):
+        (folder / name).write_text(json.dumps({"annotation": ann["annotation"][:n]}))
+    return folder
+
+
+@pytest.mark.parametrize("fields,chosen", [
+    (("valid", "test", "train"), "valid"), (("test", "train"), "test"), (("train",), "train")])
+def test_config_annotation_chosen_valid_then_test_then_train(challenge_fixture, annotated, tmp_path, fields, chosen):
+    datasets = {"prefix": str(challenge_fixture), **{f"{f}_ann_path": str(annotated / f"{f}.json") for f in fields}}
+    config = load_config(_config_with_datasets(challenge_fixture, tmp_path / "m", datasets))
+    source = choose_data(config, None, "--calib", "calibration")
+    assert source.path == annotated / f"{chosen}.json"
+    assert source.origin == f"datasets.{chosen}_ann_path" and not source.is_demo
+    assert source.audio_root == challenge_fixture
+    record = source.record()
+    assert record["sha256"] == hashlib.sha256((annotated / f"{chosen}.json").read_bytes()).hexdigest()
+    assert record["source"] == str(annotated / f"{chosen}.json") and record["origin"] == source.origin
+
+
+def test_given_path_wins_over_the_config(challenge_fixture, tmp_path):
+    source = choose_data(load_config(challenge_fixture / "config.yaml"), tmp_path, "--data", "verification")
+    assert source.path == tmp_path and source.origin == "--data" and source.audio_root is None
+
+
+def test_no_annotation_and_no_option_is_an_error_naming_the_config(tiny_dir):
+    config = load_config(tiny_dir / "config.yaml")
+    with pytest.raises(SalmonnError, match="no calibration data: `datasets:` names no valid_ann_path.*pass --calib") as e:
+        choose_data(config, None, "--calib", "calibration")
+    assert str(tiny_dir / "config.yaml") in str(e.value)
+
+
+def test_named_annotation_that_is_missing_is_an_error_not_a_fallback(challenge_fixture, annotated, tmp_path):
+    datasets = {"valid_ann_path": str(tmp_path / "gone.json"), "test_ann_path": str(annotated / "test.json")}
+    config = load_config(_config_with_datasets(challenge_fixture, tmp_path / "m", datasets))
+    with pytest.raises(SalmonnError, match="datasets.valid_ann_path` names an annotation file that does not exist"):
+        choose_data(config, None, "--calib", "calibration")
+
+
+def test_demo_clips_only_for_the_demo_model(tiny_dir, tmp_path, monkeypatch):
+    """A config at the demo model's place gets the demo clips; the same config elsewhere does not."""
+    import salmonn_export.model.demo as demo
+
+    fake_demo = tmp_path / "demo-model"
+    shutil.copytree(tiny_dir, fake_demo)
+    monkeypatch.setattr(demo, "demo_dir", lambda: fake_demo)
+    source = choose_data(load_config(fake_demo / "config.yaml"), None, "--calib", "calibration")
+    assert source.is_demo and source.origin == DEMO_ORIGIN and source.path == fake_demo / "audio"
+    with pytest.raises(SalmonnError, match="no calibration data"):
+        choose_data(load_config(tiny_dir / "config.yaml"), None, "--calib", "calibration")
+
+
+def test_build_without_calib_for_a_model_without_data_stops_at_once(tiny_dir, tmp_path):
+    proc = run_cli("build", "--recipe", "w4a16-rtn", "--model", tiny_dir / "config.yaml", "--out", tmp_path / "b")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "no calibration data" in lines[-1] and "--calib" in lines[-1]
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def fixture_bundles(challenge_fixture, tmp_path_factory):
+    """fp32 and w4a16-rtn bundles of the challenge fixture, neither given calibration data."""
+    from salmonn_export.export.build import BuildOptions, build_bundle
+    from salmonn_export.recipes import load_recipe
+
+    root = tmp_path_factory.mktemp("data_choice")
+    return {name: build_bundle(challenge_fixture / "config.yaml", load_recipe(name),
+                               BuildOptions(out=root / name, calib_samples=3))["bundle"]
+            for name in ("fp32", "w4a16-rtn")}
+
+
+def test_build_calibrates_on_the_configs_annotation_and_records_it(fixture_bundles, challenge_fixture):
+    manifest = json.loads((Path(fixture_bundles["w4a16-rtn"]) / "manifest.json").read_text())
+    calibration = manifest["quantization"]["calibration"]
+    assert calibration["origin"] == "datasets.test_ann_path"
+    assert calibration["source"] == str(challenge_fixture / "ann.json")
+    assert calibration["sha256"] == hashlib.sha256((challenge_fixture / "ann.json").read_bytes()).hexdigest()
+    assert calibration["audio_root"] == str(challenge_fixture)
+    assert calibration["sequences"] == 3
+
+
+def test_verify_defaults_to_the_configs_annotation(fixture_bundles, challenge_fixture, tmp_path):
+    proc = run_cli("verify", fixture_bundles["fp32"], "--report", tmp_path / "v.json", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["data"]["origin"] == "datasets.test_ann_path"
+    assert report["data"]["source"] == str(challenge_fixture / "ann.json")
+    assert len(report["rows"]) == 4 and report["end_to_end"]["exact_match"] == 1.0 and report["verdict"]["passed"]
+
+
+def test_verify_without_data_for_a_model_without_data_is_an_error(fixture_bundles, tiny_dir):
+    proc = run_cli("verify", fixture_bundles["fp32"], "--model", tiny_dir / "config.yaml")
+    assert proc.returncode == 2
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ") and "no verification data" in last and "--data" in last
