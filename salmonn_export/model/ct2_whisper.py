@@ -21,6 +21,7 @@ import torch
 
 from salmonn_export.errors import SalmonnError
 from salmonn_export.files import atomic_dir
+from salmonn_export.model.hf_compat import write_config_for_446
 
 DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
 
@@ -170,6 +171,7 @@ def convert_ct2_whisper(model_dir: str | Path, out_dir: str | Path) -> Path:
     with atomic_dir(out, force=True, what="Whisper folder") as tmp:
         model.save_pretrained(str(tmp))
         WhisperFeatureExtractor(feature_size=mels).save_pretrained(str(tmp))
+        write_config_for_446(tmp)  # the challenge's transformers 4.46.3 reads it as we do
         tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         words = (model_dir / "vocabulary.txt").read_text(encoding="utf-8").splitlines()
         have = tok.get_vocab_size()

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from salmonn_export import __version__
 from salmonn_export.errors import SalmonnError
 from salmonn_export.files import atomic_dir
+from salmonn_export.model.hf_compat import write_for_446
 from salmonn_export.model.qformer import BERT_MAX_POSITIONS
 from salmonn_export.model.synth import scene_event, speak
 from salmonn_export.model.tiny import challenge_config, write_challenge_config
@@ -141,6 +142,7 @@ def materialize_demo(out: str | Path, artifact: Path = DEMO_ARTIFACT, force: boo
     with atomic_dir(out, force) as tmp:
         convert_ct2_whisper(packaged_tiny_en(), tmp / "whisper")
         shutil.copytree(artifact / "llm", tmp / "llm")
+        write_for_446(tmp / "llm")  # the shipped folder is transformers 5's; the challenge's 4.46.3 reads this form
         shutil.copy(artifact / "beats.pt", tmp / "beats.pt")
         torch.save({"model": state, "optimizer": None, "config": config, "scaler": None,
                     "epoch": int(metadata.get("epoch", 0))}, str(tmp / "checkpoint_best.pth"))

@@ -30,6 +30,7 @@ from transformers import (
 from salmonn_export.errors import SalmonnError
 from salmonn_export.files import atomic_dir
 from salmonn_export.model.beats import BEATs, BEATsConfig
+from salmonn_export.model.hf_compat import write_config_for_446, write_for_446
 from salmonn_export.model.llm import apply_lora
 from salmonn_export.model.prompts import builtin_test_prompts
 from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer
@@ -180,6 +181,7 @@ def _write_whisper(folder: Path, preset: Preset) -> None:
     model.save_pretrained(str(folder))
     del model
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(str(folder))
+    write_config_for_446(folder)  # the challenge's transformers 4.46.3 reads it as we do
 
 
 def _write_beats(path: Path, preset: Preset) -> None:
@@ -219,6 +221,7 @@ def _write_llama(folder: Path, preset: Preset) -> LlamaForCausalLM:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
                                    clean_up_tokenization_spaces=False)
     fast.save_pretrained(str(folder))
+    write_for_446(folder)  # the challenge's transformers 4.46.3 reads the same ids and rope values
     return model
 
 
