@@ -18,6 +18,7 @@ from salmonn_export.errors import SalmonnError
 from salmonn_export.model.weights import load_strict, read_hf_state_dict
 
 PAD_TOKEN = "[PAD]"
+BNB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
                 ".quant_state.bitsandbytes__fp4")
 
@@ -53,6 +54,8 @@ def dequantize_bnb_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: t
 
     Bytes hold two codes, high nibble first; each block of `blocksize` values shares one absmax,
     itself 8-bit quantized in blocks of `nested_blocksize` when double quantization was used.
+    Returns fp32 [state["shape"]] holding values of the state's `dtype` (fp16/bf16: rounded as
+    bitsandbytes' own dequantization rounds them). Raises ValueError for another dtype.
     """
     codes = packed.reshape(-1).to(torch.int64)
     idx = torch.stack([(codes >> 4) & 0xF, codes & 0xF], dim=1).reshape(-1)
@@ -71,7 +74,13 @@ def dequantize_bnb_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: t
     numel = int(torch.tensor(shape).prod())
     values = values[:numel]
     scales = torch.repeat_interleave(absmax_f, blocksize)[:numel]
-    return (values * scales).reshape(shape)
+    out = (values * scales).reshape(shape)
+    # bitsandbytes writes the product in the quant state's dtype (the compute dtype the LLM ran in):
+    # round there, so the weights equal `bnb.functional.dequantize_4bit`'s bit for bit
+    stored = BNB_DTYPES.get(str(state.get("dtype", "float32")).removeprefix("torch."))
+    if stored is None:
+        raise ValueError(f"quant state dtype {state.get('dtype')!r} is not one of {', '.join(BNB_DTYPES)}")
+    return out.to(stored).float()
 
 
 def _dequantize_bnb_state(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
