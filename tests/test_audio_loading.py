@@ -110,3 +110,39 @@ def test_non_finite_in_a_stereo_file_and_a_resampled_file(tmp_path):
     sf.write(tmp_path / "many.wav", many, 8000, subtype="DOUBLE")
     with pytest.raises(SalmonnError, match="many.wav: audio holds 100 non-finite samples"):
         load_audio(tmp_path / "many.wav")
+
+
+def _eval_set(tmp_path, clips: dict) -> list:
+    import json
+
+    from salmonn_export.dataset import read_annotation
+
+    items = []
+    for i, (name, (wave, rate)) in enumerate(clips.items()):
+        sf.write(tmp_path / name, wave, rate, subtype="FLOAT")
+        items.append({"testset_id": f"test{i:04d}", "path": name, "task": "asr", "text": "a reference"})
+    (tmp_path / "ann.json").write_text(json.dumps({"annotation": items}))
+    return read_annotation(tmp_path / "ann.json", "asr")
+
+
+def test_eval_goes_through_the_loader(tmp_path):
+    from salmonn_export.harness.evaluate import EvalOptions, run_eval
+
+    nan = np.full(16000, 0.1)
+    nan[3] = np.nan
+    examples = _eval_set(tmp_path, {"ok.wav": (np.full(16000, 0.1), 16000), "nan.wav": (nan, 16000),
+                                    "long.wav": (np.full(44100 * 40, 0.1), 44100)})
+    seen = []
+
+    def backend(waves, tasks):
+        seen.extend(waves)
+        return ["a reference"] * len(waves)
+
+    with pytest.raises(SalmonnError, match="nan.wav: audio holds 1 non-finite samples"):
+        run_eval(backend, "fake", examples, EvalOptions(out=tmp_path / "a.csv", task="asr"))
+    summary = run_eval(backend, "fake", examples, EvalOptions(out=tmp_path / "b.csv", task="asr", skip_bad_audio=True),
+                       restart=True)
+    assert [s["testset_id"] for s in summary["skipped"]] == ["test0001"]
+    assert "non-finite" in summary["skipped"][0]["reason"]
+    assert summary["truncated"] == [{"testset_id": "test0002", "audio": str(tmp_path / "long.wav"), "dropped_seconds": 10.0}]
+    np.testing.assert_array_equal(seen[-1], _challenge_way(tmp_path / "long.wav"))

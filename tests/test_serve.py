@@ -133,3 +133,34 @@ def test_api_key_and_full_queue(bundle, audio_dir):
         assert 'salmonn_errors_total{reason="queue_full"}' in metrics
     finally:
         s.close()
+
+
+def test_non_finite_audio_is_400_and_dropped_audio_is_reported(bundle, tmp_path):
+    nan = np.full(16000, 0.1, dtype=np.float32)
+    nan[7] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    inf = np.full(22050, 0.1)
+    inf[-1] = -np.inf
+    sf.write(tmp_path / "inf.wav", inf, 22050, subtype="DOUBLE")
+    sf.write(tmp_path / "long.wav", np.full(16000 * 32, 0.05), 16000, subtype="PCM_16")
+    s = Server(bundle, "--max-audio-seconds", "60")
+    try:
+        url = s.url + "/v1/audio/transcriptions"
+        for name in ("nan.wav", "inf.wav"):
+            files = {"file": (name, (tmp_path / name).read_bytes(), "audio/wav")}
+            r = httpx.post(url, files=files, timeout=60)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"].startswith(f"{name}: audio holds 1 non-finite samples (NaN or ±inf)")
+        files = {"file": ("long.wav", (tmp_path / "long.wav").read_bytes(), "audio/wav")}
+        r = httpx.post(url, files=files, data={"response_format": "verbose_json"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["dropped_seconds"] == 2.0 and r.json()["duration"] == 32.0
+        assert r.headers["X-Audio-Dropped-Seconds"] == "2.000"
+        assert r.json()["text"] == Engine(bundle).transcribe([tmp_path / "long.wav"], "asr")[0]
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "run", "--engine", str(bundle), str(tmp_path / "nan.wav")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nan.wav'}: audio holds 1 non-finite samples "
+                                                     "(NaN or ±inf), the first at 0.000 s (sample 7); the model cannot use it"]
+    finally:
+        s.close()

@@ -174,3 +174,28 @@ def test_pandas_reads_quoted_na_as_nan_too():
     # why quoting is not the fix: pandas applies na_values after unquoting
     df = pd.read_csv(io.StringIO('testset_id,text\ntest0000,"nan"\ntest0001,"null"\ntest0002,"nan\u00a0"\n'))
     assert pd.isna(df["text"][0]) and pd.isna(df["text"][1]) and df["text"][2] == "nan\u00a0"
+
+
+def test_eval_scores_its_csv_like_score_and_reports_undefined_wer(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from salmonn_export.harness.evaluate import EvalOptions, run_eval
+
+    texts = ["nan", "", "5", "null words"]
+    for i in range(4):
+        sf.write(tmp_path / f"{i}.wav", np.full(16000, 0.1), 16000)
+    ann = _annotation(tmp_path, ["nan", "hello", "5", "null words"])
+    examples = read_annotation(ann, "asr")
+    outputs = iter(texts)
+    summary = run_eval(lambda waves, tasks: [next(outputs) for _ in waves], "fake", examples,
+                       EvalOptions(out=tmp_path / "e.csv", task="asr"))
+    assert all(isinstance(v, str) for v in pd.read_csv(tmp_path / "e.csv")["text"])
+    scored = score_submission(tmp_path / "e.csv", examples, "asr", ann)
+    assert summary["score"]["wer"] == scored["wer"] == compute_wer(texts, ["nan", "hello", "5", "null words"])["wer"] == 0.2
+    empty_refs = _annotation(tmp_path, ["uh", "", "um, uh", "..."])
+    outputs = iter(texts)
+    summary = run_eval(lambda waves, tasks: [next(outputs) for _ in waves], "fake", read_annotation(empty_refs, "asr"),
+                       EvalOptions(out=tmp_path / "u.csv", task="asr"))
+    assert "score" not in summary and summary["score_error"].startswith("WER is undefined")
+    assert (tmp_path / "u.csv").is_file()

@@ -87,13 +87,27 @@ def audio_or_demo(audio: list[Path] | None, task: str, explicit: bool, what: str
 
 
 def print_texts(audio: list[Path], texts: list[str], as_json: bool, info: dict) -> None:
-    """One `file<TAB>text` line per file (repr() when the text has unprintable characters), or JSON."""
+    """One `file<TAB>text` line per file (repr() when the text has unprintable characters), or JSON;
+    a `warning:` line on stderr (and `dropped_seconds` in JSON) for audio past the model's 30 s."""
+    dropped = [warn_dropped_audio(a) for a in audio]
     if as_json:
-        results = [{"audio": str(a), "text": t} for a, t in zip(audio, texts)]
+        results = [{"audio": str(a), "text": t, "dropped_seconds": d} for a, t, d in zip(audio, texts, dropped)]
         print(json.dumps({**info, "results": results}, indent=1, ensure_ascii=False))
         return
     for a, t in zip(audio, texts):
         sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+
+
+def warn_dropped_audio(path: Path) -> float:
+    """Seconds of `path` past the model's 30 s window (0.0 if none; header only), with a `warning:` line
+    on stderr when there are any: the model never sees them (the challenge truncates too)."""
+    from salmonn_export.audio import MAX_SECONDS, audio_seconds, dropped_note
+
+    seconds = audio_seconds(path)
+    note = dropped_note(path, seconds)
+    if note:
+        err.print(f"warning: {note}", highlight=False, soft_wrap=True)
+    return round(max(0.0, seconds - MAX_SECONDS), 3)
 
 
 def engine_path(engine: Path | None) -> Path:

@@ -117,6 +117,11 @@ def eval_cmd(
               f"{summary['resumed_items']} resumed)")
     for s_ in summary["skipped"]:
         err.print(f"skipped {s_['testset_id']}: {s_['audio']}: {s_['reason']}")
+    if summary.get("truncated"):
+        cut = summary["truncated"]
+        err.print(f"warning: {len(cut)} clips are longer than 30 s; the model used only their first 30 s (as the "
+                  f"challenge does), e.g. {cut[0]['audio']}: {cut[0]['dropped_seconds']} s dropped", highlight=False,
+                  soft_wrap=True)
     if "score" in summary:
         print_score(task, summary["score"])
     if "score_error" in summary:

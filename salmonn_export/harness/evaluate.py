@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from salmonn_export.audio import load_audio
+from salmonn_export.audio import load_clip
 from salmonn_export.dataset import Example
 from salmonn_export.errors import SalmonnError
 from salmonn_export.harness.metrics import compute_spider, compute_wer
@@ -97,19 +97,22 @@ def _append(path: Path, records: list[dict]) -> None:
 
 
 def batch_records(backend: Backend, batch: list[Example], skip_bad_audio: bool) -> list[dict]:
-    """One batch → partial-file records (texts, or listed skips of unreadable audio)."""
-    waves, ok, records = [], [], []
+    """One batch → partial-file records (texts, or listed skips of unreadable audio); a clip longer than
+    the model's 30 s window records the seconds dropped past it (`dropped_seconds`)."""
+    clips, ok, records = [], [], []
     for e in batch:
         try:
-            waves.append(load_audio(e.audio))
+            clips.append(load_clip(e.audio))
             ok.append(e)
         except SalmonnError as exc:
             if not skip_bad_audio:
                 raise
             records.append({"testset_id": e.testset_id, "skipped": exc.problem, "audio": str(e.audio)})
     if ok:
-        texts = backend(waves, [e.task for e in ok])
-        records += [{"testset_id": e.testset_id, "text": t} for e, t in zip(ok, texts)]
+        texts = backend([c.wave for c in clips], [e.task for e in ok])
+        records += [{"testset_id": e.testset_id, "text": t,
+                     **({"dropped_seconds": round(c.dropped_seconds, 3)} if c.dropped_seconds else {})}
+                    for e, t, c in zip(ok, texts, clips)]
     return records
 
 
@@ -150,15 +153,18 @@ def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], 
         finished += len(batch)
         if progress:
             progress(finished, len(examples), _running_score(options.task, examples, done))
-    rows, skipped = [], []
+    rows, skipped, truncated = [], [], []
     for e in examples:
         r = done[e.testset_id]
         if "skipped" in r:
             skipped.append({"testset_id": e.testset_id, "audio": r["audio"], "reason": r["skipped"]})
         else:
             rows.append((e.testset_id, r["text"]))
+            if r.get("dropped_seconds"):
+                truncated.append({"testset_id": e.testset_id, "audio": str(e.audio), "dropped_seconds": r["dropped_seconds"]})
     write_submission(options.out, rows)
-    summary = {"csv": str(options.out), "rows": len(rows), "skipped": skipped, "resumed_items": resumed,
+    summary = {"csv": str(options.out), "rows": len(rows), "skipped": skipped, "truncated": truncated,
+               "resumed_items": resumed,
                "task": options.task, "backend": backend_id, "shard": list(options.shard)}
     # scored from the CSV just written, through the same checks and metric as `score`
     written = [e for e in examples if "text" in done[e.testset_id]]

@@ -223,10 +223,11 @@ def create_app(settings: ServeSettings, engine=None):
         seconds = _duration(data)
         if seconds > settings.max_audio_seconds:
             return error(endpoint, 413, f"audio longer than {settings.max_audio_seconds:g} s", "too_long")
+        name = file.filename if file.filename and file.filename.isprintable() else repr(file.filename or "upload")
         try:
-            clip = load_clip_bytes(data, "upload")
+            clip = load_clip_bytes(data, name)
         except SalmonnError as exc:
-            return error(endpoint, 400, exc.problem, "bad_audio")
+            return error(endpoint, 400, str(exc), "bad_audio")
         try:
             future = state["batcher"].submit(clip.wave, task)
         except asyncio.QueueFull:
