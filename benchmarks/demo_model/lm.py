@@ -31,8 +31,15 @@ END = "<|end_of_text|>"
 
 
 def corpus(work: Path) -> tuple[list[str], list[str]]:
-    """Lowercased fortune cookies without held-out sentences, and the speakable sentences for copy drills."""
+    """Lowercased fortune cookies without held-out sentences, and the speakable sentences for copy drills.
+
+    With natural-voice data (natural_data.py wrote work/sentences.json): its training sentences
+    (fortunes + WordNet examples; held-out ones were split off before) for both."""
     clips = json.loads((work / "clips.json").read_text())
+    captions = sorted({c["text"].lower() for c in clips if c["task"] != "asr" and c["split"] == "train"})
+    if (work / "sentences.json").exists():
+        train = json.loads((work / "sentences.json").read_text())["train"]
+        return train + captions, train
     heldout = {c["text"] for c in clips if c["task"] == "asr" and c["split"] == "heldout"}
     cookies = data.fortune_cookies()
     kept = []
@@ -40,7 +47,6 @@ def corpus(work: Path) -> tuple[list[str], list[str]]:
         words = data.normalise(cookie)
         if not any(h in words for h in heldout):
             kept.append(cookie.lower())
-    captions = sorted({c["text"].lower() for c in clips if c["task"] != "asr" and c["split"] == "train"})
     sentences = [s for s in data.speech_sentences(cookies) if s not in heldout]
     return kept + captions, sentences
 
@@ -206,7 +212,7 @@ def drills_b(model, tok, stream: torch.Tensor, sentence_drills: list[list[int]],
 def copy_accuracy(model, tok, work: Path, n: int = 20) -> dict:
     """Greedy copy of held-out sentences through the ASR prompt: exact-copy rate."""
     clips = json.loads((work / "clips.json").read_text())
-    heldout = [c["text"] for c in clips if c["task"] == "asr" and c["split"] == "heldout"][:n]
+    heldout = [c["text"] for c in clips if c["task"] == "asr" and c["split"].startswith("heldout")][:n]
     asr_prompt = builtin_test_prompts()["asr"]
     hits = 0
     for s in heldout:

@@ -21,7 +21,10 @@ from transformers import AutoModelForCausalLM
 from salmonn_export.files import atomic_dir
 
 
-def write_artifact(work: Path, out: Path) -> dict:
+def write_artifact(work: Path, out: Path, challenge_config: dict | None = None) -> dict:
+    """The artifact from work/checkpoint_best.pth + factors_best.pt; `challenge_config` (config
+    fields the run chose, e.g. the Q-Former windowing: `salmonn_export.model.demo.demo_config`)
+    goes into the metadata."""
     ckpt = torch.load(work / "checkpoint_best.pth", weights_only=True)
     import stage2
 
@@ -44,9 +47,10 @@ def write_artifact(work: Path, out: Path) -> dict:
             if f.name.startswith(("tokenizer", "special_tokens")):
                 shutil.copy(f, tmp / "llm" / f.name)
         shutil.copy(work / "beats.pt", tmp / "beats.pt")
-        save_file(trained, str(tmp / "trained.safetensors"),
-                  metadata={"format": "salmonn-export demo v1", "qformer_rank": str(stage2.RANK),
-                            "epoch": str(ckpt["epoch"])})
+        metadata = {"format": "salmonn-export demo v1", "qformer_rank": str(stage2.RANK), "epoch": str(ckpt["epoch"])}
+        if challenge_config:
+            metadata["challenge_config"] = json.dumps(challenge_config, sort_keys=True)
+        save_file(trained, str(tmp / "trained.safetensors"), metadata=metadata)
         shutil.copy(work / "train_log.json", tmp / "train_log.json")
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     return {"artifact": str(out), "bytes": sum(sizes.values()), "files": sizes}

@@ -89,8 +89,9 @@ class Trainee(nn.Module):
     (`num_speech_query_token`) must be the values the shipped config states (ship.py writes them)."""
 
     def __init__(self, llm: Path, whisper_width: int, beats_width: int, ctc_weight: float = 0.0,
-                 window: int = WINDOW, stride: int | None = None, queries: int = 1):
+                 window: int = WINDOW, stride: int | None = None, queries: int = 1, end_sym: str = END):
         super().__init__()
+        self.end_sym = end_sym
         self.ctc_weight = ctc_weight
         self.window, self.stride, self.queries = window, stride or window, queries
         self.tokenizer = load_tokenizer(llm)
@@ -134,7 +135,7 @@ class Trainee(nn.Module):
         rows, labels = [], []
         for i, (task, text) in enumerate(zip(tasks, texts)):
             before, after = self.prompt_ids[task]
-            target = tok(text + END, add_special_tokens=False).input_ids
+            target = tok(text + self.end_sym, add_special_tokens=False).input_ids
             pre = [tok.bos_token_id] + before
             rows.append((pre, speech[i], after + target))
             labels.append([-100] * (len(pre) + speech.shape[1] + len(after)) + target)
