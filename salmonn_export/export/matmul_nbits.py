@@ -10,12 +10,15 @@ constant weight is checked against the dequantized codes before it is replaced.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 from salmonn_export.errors import SalmonnError
 from salmonn_export.transforms.quantize import QuantizedLinear
+
+if TYPE_CHECKING:  # onnx is imported where it is used: the PyTorch engine target packs codes without it
+    import onnx
 
 
 def pack_codes(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
@@ -50,6 +53,8 @@ def module_name(node_name: str, prefix: str = "/llm/") -> str | None:
 def inject_matmul_nbits(model: onnx.ModelProto, layers: dict[str, QuantizedLinear], accuracy_level: int = 0,
                         source: str = "decoder.onnx") -> dict[str, int]:
     """Replace the MatMul of every quantized Linear in place. Returns counts for the manifest."""
+    from onnx import helper, numpy_helper
+
     inits = {i.name: i for i in model.graph.initializer}
     replaced: set[str] = set()
     new_nodes = []
