@@ -126,3 +126,35 @@ def test_released_weights_are_the_same_model(tiny_model, calib):
     assert isinstance(released.model.layers[0].mlp.down_proj, CodesLinear)
     with torch.no_grad():
         torch.testing.assert_close(released(**calib[0]).logits, kept(**calib[0]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_low_memory_load_equals_fp32_load(tmp_path):
+    """An fp16-stored LLM kept in fp16 and computed in fp32 layer by layer (how build loads a 3B) gives the
+    fp32-loaded model's logits, LoRA merge and GPTQ codes exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from salmonn_export.model.config import load_config
+    from salmonn_export.model.salmonn import SALMONN
+    from salmonn_export.model.tiny import write_tiny_salmonn
+    from salmonn_export.transforms.lora import merge_in_place
+
+    folder = write_tiny_salmonn(tmp_path / "m", preset="tiny", seed=1)
+    llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), dtype=torch.float32)
+    llm.half().save_pretrained(str(folder / "llm"))  # as the challenge presets store it
+    cfg = load_config(folder / "config.yaml")
+    full, low = SALMONN(cfg), SALMONN(cfg, low_memory=True)
+    layer = low.causal_lm.model.layers[1]
+    assert layer.mlp.down_proj.weight.dtype == torch.float16
+    assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.float32  # LoRA target: merged in fp32
+    embeds = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)) * 0.3
+    with torch.no_grad():
+        ref, out = full.causal_lm(inputs_embeds=embeds).logits, low.causal_lm(inputs_embeds=embeds).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert layer.mlp.down_proj.weight.dtype == torch.float16  # back to storage after the forward
+    (m_full, e_full), (m_low, e_low) = merge_in_place(full), merge_in_place(low)
+    assert e_low == e_full
+    seq = [{"inputs_embeds": embeds[:1], "attention_mask": torch.ones(1, 9, dtype=torch.long)}]
+    q = load_recipe("w4a16").llm.weights
+    a = quantize_model(m_full, q, ("lm_head",), seq)
+    b = quantize_model(m_low, q, ("lm_head",), seq, release_weights=True)
+    assert all(torch.equal(a.layers[n].codes, b.layers[n].codes) for n in a.layers)

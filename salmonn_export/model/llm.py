@@ -110,17 +110,37 @@ def _dequantize_bnb_state(state: dict[str, torch.Tensor], source: Path) -> dict[
     return out
 
 
-def load_base_llm(folder: str | Path) -> torch.nn.Module:
-    """The base LlamaForCausalLM in fp32 (NF4 bases dequantized)."""
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype an HF folder's weights are stored in (config.json `dtype`/`torch_dtype`; fp32 if unsaid)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
+
+
+def load_base_llm(folder: str | Path, keep_stored_dtype: bool = False) -> torch.nn.Module:
+    """The base LlamaForCausalLM in fp32 (NF4 bases dequantized).
+
+    `keep_stored_dtype` (for `build` at real size: a 3B LLM is 12.8 GB in fp32, 6.4 GB in fp16):
+    decoder-layer weights stay in the half precision they are stored in, which is lossless
+    (every fp16/bf16 value is exact in fp32); embeddings, final norm and lm_head are fp32 at once.
+    Then `compute_layers_in_fp32` must be applied so every layer computes in fp32 as the reference.
+    """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SalmonnError("LLM folder has no config.json (no model hub access: give a local folder)", folder)
     quant = _bnb_quant_config(folder)
     if quant is None:
+        dtype = stored_dtype(folder) if keep_stored_dtype else torch.float32
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SalmonnError(f"cannot load the LLM ({str(exc).splitlines()[0][:200]})", folder) from None
+        if dtype != torch.float32:
+            for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
+                module.float()  # Module.float keeps Parameter objects: a tied lm_head stays tied
         return model.eval()
     if not quant.get("load_in_4bit"):
         raise SalmonnError("8-bit bitsandbytes LLM checkpoints cannot be dequantized here; give the unquantized base", folder)
@@ -193,3 +213,32 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: int, dropout: float):
     config = LoraConfig(task_type="CAUSAL_LM", inference_mode=False, r=rank, lora_alpha=alpha, lora_dropout=dropout)
     peft_model = get_peft_model(model, config)
     return peft_model.eval()
+
+
+def compute_layers_in_fp32(model: torch.nn.Module) -> list:
+    """Make each decoder layer of `model` compute in fp32 while storing its weights in half precision.
+
+    Before a layer runs, its fp16/bf16 parameters are upcast in place to fp32; after it, they go back
+    to their stored dtype. Lossless (the stored values are exact in fp32 and a forward does not
+    change weights), so outputs equal the fp32-loaded model's; only one layer is in fp32 at a time.
+    Parameters already fp32 (LoRA adapters, merged weights) are left alone. Returns the hook handles.
+    """
+    inner = model.model if hasattr(model, "model") else model
+    while not hasattr(inner, "layers") and hasattr(inner, "model"):
+        inner = inner.model
+    handles = []
+    for layer in inner.layers:
+        def upcast(module, _args, _state=None):
+            # extended, not replaced: a forward that raised (a capture hook) never ran `restore`
+            module._stored_half = getattr(module, "_stored_half", []) + [
+                (p, p.dtype) for p in module.parameters() if p.dtype in (torch.float16, torch.bfloat16)]
+            for p, _ in module._stored_half:
+                p.data = p.data.float()
+
+        def restore(module, _args, _output):
+            for p, dtype in getattr(module, "_stored_half", []):
+                p.data = p.data.to(dtype)
+            module._stored_half = []
+
+        handles += [layer.register_forward_pre_hook(upcast), layer.register_forward_hook(restore)]
+    return handles

@@ -23,6 +23,7 @@ from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.llm import (
     BNB_SUFFIXES,
     apply_lora,
+    compute_layers_in_fp32,
     consume_tied_lm_head,
     load_base_llm,
     load_tokenizer,
@@ -48,7 +49,9 @@ class Batch:
 
 
 class SALMONN(nn.Module):
-    def __init__(self, config: SalmonnConfig, device: str = "cpu"):
+    def __init__(self, config: SalmonnConfig, device: str = "cpu", low_memory: bool = False):
+        """`low_memory` (CPU, for `build`): LLM decoder layers stored in their checkpoint's half precision and
+        computed in fp32 one layer at a time (`compute_layers_in_fp32`): same outputs, half the memory."""
         super().__init__()
         m = config.model
         self.config = config
@@ -67,13 +70,19 @@ class SALMONN(nn.Module):
         self.speech_Qformer = SpeechQFormer(encoder_width)
         self.speech_query_tokens = nn.Parameter(torch.zeros(1, m.num_speech_query_token, BERT_HIDDEN))
         self.llama_tokenizer = load_tokenizer(config.resolve(m.llama_path))
-        base = load_base_llm(config.resolve(m.llama_path))
+        low_memory = low_memory and torch.device(device).type == "cpu"
+        base = load_base_llm(config.resolve(m.llama_path), keep_stored_dtype=low_memory)
         if torch.device(device).type == "cuda":
             base = base.half()  # the challenge loads the LLM with torch_dtype=float16; peft keeps LoRA in fp32
         self.base_vocab_size = base.get_input_embeddings().weight.shape[0]
         resize_with_mean_rows(base, len(self.llama_tokenizer))
         self.speech_llama_proj = nn.Linear(BERT_HIDDEN, base.config.hidden_size)
         self.llama_model = apply_lora(base, m.lora_rank, m.lora_alpha, m.lora_dropout) if m.lora else base
+        if low_memory:
+            for module in base.modules():
+                if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+                    module.base_layer.float()  # adapted Linears in fp32, so a LoRA merge happens in fp32
+            compute_layers_in_fp32(base)
         self.window = window_size(m.second_per_window)
         self.stride = window_size(m.second_stride)
         self.test_prompts = (
