@@ -199,3 +199,18 @@ def test_eval_scores_its_csv_like_score_and_reports_undefined_wer(tmp_path):
                        EvalOptions(out=tmp_path / "u.csv", task="asr"))
     assert "score" not in summary and summary["score_error"].startswith("WER is undefined")
     assert (tmp_path / "u.csv").is_file()
+
+
+def test_every_field_pandas_reads_as_non_string_is_padded_by_the_writer():
+    import random
+
+    rng = random.Random(0)
+    alphabet = list("0123456789+-.eEdDxX _iInNfFaAtTrRuUlLsS#/%$") + ["inf", "nan", "true", "false", "NaN", "Infinity", "null"]
+    candidates = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(2500)})
+    non_strings = 0
+    for text in candidates:
+        value = pd.read_csv(io.StringIO(f"testset_id,text\ntest0000,{text}\n"))["text"][0]
+        if not isinstance(value, str):
+            non_strings += 1
+            assert safe_text(text) != text, (text, value)
+    assert non_strings > 50
