@@ -126,6 +126,18 @@ def test_files_pandas_refuses_are_one_line_errors(tmp_path, data, problem):
         score_submission(path, _examples(1), "asr")
 
 
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(SalmonnError, match="nothere.csv: submission file not found"):
+        read_submission(tmp_path / "nothere.csv")
+    with pytest.raises(SalmonnError, match="is a folder, not a submission CSV"):
+        score_submission(tmp_path, _examples(1), "asr")
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("testset_id,text\n")
+    assert read_submission(header_only) == []
+    with pytest.raises(SalmonnError, match="2 annotation ids missing"):
+        score_submission(header_only, _examples(2), "asr")
+
+
 def test_score_checks_ids_before_computing_anything(tmp_path):
     examples = _examples(3)
     cases = {

@@ -140,6 +140,8 @@ def read_submission(path: str | Path) -> list[tuple[str, str]]:
 
 def _load(path: str | Path) -> tuple[list[tuple[str, str]], list]:
     path = Path(path)
+    if path.is_dir():
+        raise SalmonnError("is a folder, not a submission CSV", path)
     if not path.is_file():
         raise SalmonnError("submission file not found", path)
     _check_utf8(path)
