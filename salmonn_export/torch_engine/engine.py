@@ -196,6 +196,11 @@ class TorchEngine:
             texts += self.run_waves(waves, tasks[start:start + batch_size], **overrides).texts
         return texts
 
+    @property
+    def providers(self) -> list[str]:
+        """What runs the bundle, in the ONNX engine's terms (for `run --json`): torch:<device>:<LLM dtype>."""
+        return [f"torch:{self.device}:{str(self.llm_dtype).replace('torch.', '')}"]
+
     def describe(self) -> dict:
         """What runs where: device, dtypes, int4 kernel vs dense layer counts (for reports)."""
         return {"device": str(self.device), "llm_dtype": str(self.llm_dtype).replace("torch.", ""),
