@@ -46,10 +46,10 @@ def cache_root() -> Path:
 
 def _generator_hash() -> str:
     """Hash of the code that writes the demo, so a changed generator invalidates the cache."""
-    from salmonn_export.model import ct2_whisper, synth, tiny
+    from salmonn_export.model import ct2_whisper, hf_compat, synth, tiny
 
     h = hashlib.sha256()
-    for mod in (tiny, synth, ct2_whisper):
+    for mod in (tiny, synth, ct2_whisper, hf_compat):
         h.update(Path(mod.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     for f in sorted(DEMO_ARTIFACT.rglob("*")):
