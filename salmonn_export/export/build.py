@@ -25,7 +25,7 @@ from salmonn_export import __version__
 from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
 from salmonn_export.dataset import DataSource, choose_data
 from salmonn_export.errors import SalmonnError
-from salmonn_export.export.matmul_nbits import inject_matmul_nbits
+from salmonn_export.export.decoder_graph import build_decoder_graph
 from salmonn_export.export.onnx_export import (
     check_model,
     export_component,
@@ -101,12 +101,12 @@ def _io_signature(path: Path) -> tuple[list[dict], list[dict]]:
     return describe(model.graph.input), describe(model.graph.output)
 
 
-def _to_fp16(path: Path) -> None:
+def _to_fp16(path: Path, keep_io_types: bool | list[str] = True) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(path))
-    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    model = convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=False)
     wrapped = OnnxModel(model)
     wrapped.topological_sort()  # the converter appends its input casts after their consumers
     save_model(wrapped.model, path)
@@ -190,14 +190,16 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
     for spec in specs:
         recipe_comp = recipe.components[precision_of[spec.name]]
         with log.stage(f"export {spec.name}"):
-            path = export_component(spec, bundle, opset=recipe.opset, seed=options.seed)
             extra = {}
-            if spec.name == "decoder" and quant is not None:
-                model = onnx.load(str(path))
-                extra = inject_matmul_nbits(model, quant.layers, accuracy_level=weights.accuracy_level, source=str(path))
-                save_model(model, path)
+            if spec.name == "decoder":  # fused graph written layer by layer (weights streamed to .data)
+                path = bundle / spec.filename
+                extra = build_decoder_graph(llm, path, quant.layers if quant is not None else None,
+                                            accuracy_level=weights.accuracy_level if weights is not None else 0).as_dict()
+            else:
+                path = export_component(spec, bundle, opset=recipe.opset, seed=options.seed)
             if recipe_comp.precision == "fp16":
-                _to_fp16(path)
+                # the decoder's KV cache stays fp16 (the runtime's shared past/present buffers)
+                _to_fp16(path, ["inputs_embeds", "logits"] if spec.name == "decoder" else True)
                 spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
             if spec.name == "decoder" and weights is not None and weights.accuracy_level == 4:
                 # int8-quantized activations inside MatMulNBits: no longer equal to the dequantized torch model

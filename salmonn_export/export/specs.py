@@ -63,7 +63,10 @@ class QFormerGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """Merged LLM with an explicit KV cache: past_key/value_{i} in, present_key/value_{i} out."""
+    """Merged LLM with an explicit KV cache: past_key/value_{i} in, present_key/value_{i} out,
+    logits of the last position only ([B, 1, V]: generation reads no other row, and a 128k-vocab
+    head over the whole prompt would dominate prefill). The PyTorch side of the fused decoder
+    graph (`decoder_graph.build_decoder_graph`)."""
 
     def __init__(self, llm):
         super().__init__()
@@ -81,7 +84,7 @@ class DecoderGraph(nn.Module):
         presents = []
         for layer in out.past_key_values.layers:
             presents += [layer.keys, layer.values]
-        return (out.logits, *presents)
+        return (out.logits[:, -1:], *presents)
 
 
 def _randn(gen, *shape, scale=1.0):
@@ -150,11 +153,13 @@ def decoder_spec(llm: nn.Module, embed_scale: float) -> ExportSpec:
     past_names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     present_names = [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
 
-    def inputs(g, batch, seq, past, left_pad=0):
+    def inputs(g, batch, seq, past, left_pad=0, right_pad=0):
         embeds = _randn(g, batch, seq, cfg.hidden_size, scale=embed_scale)
         mask = torch.ones(batch, past + seq, dtype=torch.long)
         if left_pad:
             mask[0, :left_pad] = 0
+        if right_pad:  # a shorter prompt in a batch (prompt_wrap pads on the right), then decoding after it
+            mask[-1, past + seq - right_pad - 1:past + seq - 1] = 0
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         kvs = tuple(_randn(g, batch, kv, past, hd) for _ in range(2 * layers))
         return (embeds, mask, positions, *kvs)
@@ -170,5 +175,10 @@ def decoder_spec(llm: nn.Module, embed_scale: float) -> ExportSpec:
         input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
         output_names=["logits", *present_names], dynamic_axes=axes,
         dummy=lambda g: inputs(g, 2, 5, 3),
-        fresh=lambda g: [inputs(g, 1, 97, 0), inputs(g, 3, 1, 11), inputs(g, 2, 4, 7, left_pad=2)],
+        # GroupQueryAttention's limits (the runtime keeps to them): a first prompt is rotated at
+        # positions 0..S-1 whatever position_ids say, so it must be free of padding; several new
+        # tokens after a past only at batch 1. A padded prompt row is prefilled at batch 1 as its
+        # tokens, then its padded tail as a second chunk (the last case here).
+        fresh=lambda g: [inputs(g, 1, 97, 0), inputs(g, 3, 1, 11), inputs(g, 2, 1, 7, left_pad=2),
+                         inputs(g, 2, 1, 7, right_pad=2), inputs(g, 1, 4, 7, right_pad=2)],
     )

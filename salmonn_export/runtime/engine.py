@@ -19,6 +19,7 @@ from salmonn_export.errors import SalmonnError
 from salmonn_export.bundle import read_manifest
 from salmonn_export.runtime.features import beats_inputs, whisper_log_mel
 from salmonn_export.runtime.generation import GenerationSettings, generate
+from salmonn_export.runtime.kv_cache import KVCache, prefill
 from salmonn_export.tasks import templated_prompt
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -98,12 +99,18 @@ class Engine:
 
     def _load(self, ort, device: str, threads: int | None) -> None:
         self.providers = choose_providers(device, self.bundle)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         threads = threads if threads is not None else int(os.environ.get("SALMONN_EXPORT_THREADS", "0"))
-        opts.intra_op_num_threads = threads
+
+        def options(name: str):
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.intra_op_num_threads = threads
+            if name != "decoder":  # run once per clip: their idle pools must not spin beside the decoder's
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return opts
+
         comps = self.manifest["components"]
-        self.sessions = {name: ort.InferenceSession(str(self.bundle / c["file"]), opts, providers=self.providers)
+        self.sessions = {name: ort.InferenceSession(str(self.bundle / c["file"]), options(name), providers=self.providers)
                          for name, c in comps.items()}
         audio = self.manifest["audio"]
         self.mel_filters = np.load(self.bundle / audio["whisper"]["mel_filters"])
@@ -116,6 +123,11 @@ class Engine:
         llm = self.manifest["llm"]
         self.layers, self.kv_heads, self.head_dim = llm["layers"], llm["kv_heads"], llm["head_dim"]
         self.decoder_outputs = [o["name"] for o in comps["decoder"]["outputs"]]
+        if comps["decoder"].get("kv_cache") != "shared-buffer":
+            raise SalmonnError("the bundle's decoder graph predates the fused KV-cache decoder: rebuild it", self.bundle)
+        self.max_positions = comps["decoder"]["max_positions"]
+        past = next(i for i in comps["decoder"]["inputs"] if i["name"] == "past_key_0")
+        self.kv_dtype = np.dtype(past["dtype"])
 
     # ------------------------------------------------------------------ stages
 
@@ -171,37 +183,27 @@ class Engine:
 
     # ------------------------------------------------------------------ decoder
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.layers)]
+    def decoder_step(self, embeds, mask, positions, past, capacity: int | None = None):
+        """One decoder call → (logits [B, 1, V] of the last position, cache).
 
-    def decoder_step(self, embeds, mask, positions, past):
-        """One decoder call. Outputs stay ORT-allocated (IOBinding) and feed the next step directly."""
-        import onnxruntime as ort
-
-        sess = self.sessions["decoder"]
-        past = past if past is not None else self.empty_past(embeds.shape[0])
-        binding = sess.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        for i, value in enumerate(past):
-            name = f"past_{'key' if i % 2 == 0 else 'value'}_{i // 2}"
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, value)
-        for name in self.decoder_outputs:
-            binding.bind_output(name, "cpu")
-        sess.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        return outs[0].numpy(), outs[1:]
+        `past` None starts a generation: a `KVCache` of `capacity` slots (default: the prompt
+        plus the manifest's max_new_tokens) is allocated and bound once, and the prompt is
+        prefilled; later calls with that cache write their new slots into it in place. The
+        logits of a later call are a view the next call on the cache overwrites."""
+        if past is None:
+            gen = self.manifest["generation"]
+            cache = KVCache(self.sessions["decoder"], self.decoder_outputs, embeds.shape[0],
+                            capacity or mask.shape[1] + gen["max_new_tokens"], self.layers, self.kv_heads,
+                            self.head_dim, self.manifest["llm"]["vocab"], self.kv_dtype)
+            if cache.capacity > self.max_positions:
+                raise SalmonnError(f"{cache.capacity} positions exceed the decoder's rotary table ({self.max_positions})")
+            return prefill(cache, embeds, mask, positions), cache
+        return past.run(embeds, mask, positions), past
 
     @staticmethod
-    def reorder(past, indices: np.ndarray):
-        import onnxruntime as ort
-
-        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(p.numpy()[indices])) for p in past]
+    def reorder(past: KVCache, indices: np.ndarray) -> KVCache:
+        """Beam reordering / expansion of the cache rows (see `KVCache.reorder`)."""
+        return past.reorder(indices)
 
     def generation_settings(self, **overrides) -> GenerationSettings:
         g = self.manifest["generation"]
@@ -213,7 +215,12 @@ class Engine:
 
     def generate_ids(self, embeds: np.ndarray, mask: np.ndarray, **overrides) -> np.ndarray:
         settings = self.generation_settings(**overrides)
-        return generate(embeds, mask, settings, self.decoder_step, self.reorder, lambda ids: self.embed(ids)[:, None, :])
+        capacity = mask.shape[1] + settings.max_new_tokens
+
+        def step(e, m, p, past):
+            return self.decoder_step(e, m, p, past, capacity=capacity)
+
+        return generate(embeds, mask, settings, step, self.reorder, lambda ids: self.embed(ids)[:, None, :])
 
     def decode(self, ids: np.ndarray) -> list[str]:
         end_sym = self.manifest["generation"]["end_sym"]

@@ -57,6 +57,19 @@ def _process(scores: np.ndarray, generated: np.ndarray, s: GenerationSettings, m
     return scores
 
 
+def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices [R, k] of each row's k largest scores, ties in index order — the first k of a
+    stable descending argsort, found by partition (O(n)) instead of a full sort."""
+    if k >= scores.shape[1]:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    for r, row in enumerate(scores):
+        kth = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
+        cand = np.flatnonzero(row >= kth)  # ascending index order; ties at kth all included
+        out[r] = cand[np.argsort(-row[cand], kind="stable")[:k]]
+    return out
+
+
 def generate(embeds: np.ndarray, mask: np.ndarray, settings: GenerationSettings, step: StepFn,
              reorder: ReorderFn, embed: EmbedFn) -> np.ndarray:
     """Token ids [B, L] of the new tokens (L = longest output), padded with pad_token_id."""
@@ -100,9 +113,13 @@ def _beam(embeds, mask, s: GenerationSettings, step, reorder, embed, min_length)
     finished_bidx = running_bidx.copy()
     is_finished = np.zeros((B, nb), dtype=bool)
     improvable = np.ones((B, 1), dtype=bool)
-    embeds = np.repeat(embeds, nb, axis=0)
-    mask = np.repeat(mask, nb, axis=0)
+    # prefill the B prompts once, then give every beam a copy of its prompt's cache and logits
+    # (transformers prefills B·nb identical rows; the rows' results are the same)
     logits, past = step(embeds, mask, positions_from_mask(mask), None)
+    expand = np.repeat(np.arange(B), nb)
+    logits = logits[expand, -1:]
+    past = reorder(past, expand)
+    mask = np.repeat(mask, nb, axis=0)
     cur = 0
     while True:
         flat_seq = running[:, :, :cur].reshape(B * nb, cur)
@@ -110,7 +127,7 @@ def _beam(embeds, mask, s: GenerationSettings, step, reorder, embed, min_length)
         log_probs = _process(log_probs, flat_seq, s, min_length)
         V = log_probs.shape[-1]
         acc = (log_probs.reshape(B, nb, V) + running_scores[:, :, None]).reshape(B, nb * V)
-        top_idx = np.argsort(-acc, axis=1, kind="stable")[:, :keep]
+        top_idx = _top_k_stable(acc, keep)
         top_lp = np.take_along_axis(acc, top_idx, axis=1)
         src_beam = top_idx // V
         token = top_idx % V
