@@ -212,3 +212,60 @@ assert all(sys.modules[m] is None for m in sys.modules if m.split(".")[0] in ("o
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_cli_builds_a_torch_bundle_and_run_picks_the_engine_from_its_manifest(tiny_dir, tmp_path, calib_dir):
+    bundle = tmp_path / "cli-torch"
+    built = _cli("build", "--target", "torch", "--recipe", "fp32", "--model", tiny_dir / "config.yaml", "--out", bundle)
+    assert built.returncode == 0, built.stderr[-1000:]
+    assert json.loads((bundle / "manifest.json").read_text())["target"] == "torch"
+    ran = _cli("run", "--engine", bundle, "--task", "aac", calib_dir / "tone.wav", "--max-new-tokens", "4", "--json")
+    assert ran.returncode == 0, ran.stderr[-1000:]
+    assert json.loads(ran.stdout)["providers"] == ["torch:cpu:float32"]
+    if not torch.cuda.is_available():
+        cuda = _cli("run", "--engine", bundle, "--task", "aac", calib_dir / "tone.wav", "--device", "cuda")
+        assert cuda.returncode == 2
+        assert cuda.stderr.strip().count("\n") == 0 and "--device cuda: this PyTorch" in cuda.stderr
+    bad = _cli("build", "--target", "tensorrt", "--recipe", "fp32", "--model", tiny_dir / "config.yaml", "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "unknown --target `tensorrt`" in bad.stderr
+
+
+def test_static_cache_llama_equals_transformers_with_llama3_rope_gqa_and_tied_embeddings():
+    """Llama-3.2 features the tiny preset lacks (llama3 rope scaling, tied lm_head) against HF itself."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from salmonn_export.torch_engine.llama import StaticCacheLlama
+    from salmonn_export.torch_engine.weights import DenseLinear
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=8, vocab_size=97, tie_word_embeddings=True,
+                      max_position_embeddings=131072, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+    hf = LlamaForCausalLM(cfg).eval()
+    state = hf.state_dict()
+    linears = {n: DenseLinear(m.weight.detach(), None) for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "lm_head"}
+    ours = StaticCacheLlama(LlamaConfig.from_dict(cfg.to_dict()), state, linears, torch.device("cpu"), torch.float32)
+    embeds = torch.randn(2, 11, 64)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, -3:] = 0  # right padding, as mixed-task batches have
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        expected = hf(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        ours.setup_cache(2, 32)
+        torch.testing.assert_close(ours.prefill(embeds, mask, positions), expected[:, -1:], rtol=1e-5, atol=1e-5)
+        for step in range(3):
+            ids = torch.tensor([[5 + step], [7 * step]])
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            pos = (mask.cumsum(-1) - 1)[:, -1:]
+            expected = hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+            got = ours.decode(ours.embed(ids), pos, torch.tensor([mask.shape[1] - 1]))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -102,7 +102,10 @@ class SpeechEncoders(nn.Module):
         return out.view(B, -1, out.size(2)).contiguous()
 
     def forward(self, waves: list[np.ndarray]) -> torch.Tensor:
-        spectrogram, raw, mask = self.batch(waves)
+        return self.encode(*self.batch(waves))
+
+    def encode(self, spectrogram: torch.Tensor, raw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """From a built batch (`batch`): Whisper, BEATs, Q-Former + projection → [B, 88, H]."""
         hidden = self._whisper(spectrogram)
         beats = self._beats(raw, mask) if self.beats is not None else None
         return self._qformer(hidden, beats)

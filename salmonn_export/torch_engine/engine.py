@@ -133,20 +133,31 @@ class TorchEngine:
         need = prompt_len + max_new_tokens
         return -(-need // CACHE_BLOCK) * CACHE_BLOCK
 
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, mask: np.ndarray, positions: np.ndarray, max_new_tokens: int) -> torch.Tensor:
+        """Fresh static cache for the rows of `embeds` [N, S, H]; fills slots 0..S−1 → last-position
+        logits [N, 1, V] on the device."""
+        x = embeds if isinstance(embeds, torch.Tensor) else torch.as_tensor(embeds)
+        x = x.to(device=self.device, dtype=self.llm_dtype)
+        self.llm.setup_cache(x.shape[0], self.cache_length(x.shape[1], max_new_tokens))
+        pos = torch.as_tensor(np.ascontiguousarray(positions), device=self.device)
+        return self.llm.prefill(x, torch.as_tensor(mask, device=self.device), pos)
+
+    @torch.inference_mode()
+    def decode_step(self, embeds: torch.Tensor, positions: np.ndarray | torch.Tensor, slot: int) -> torch.Tensor:
+        """One token per row into cache slot `slot`: embeds [N, 1, H] (LLM dtype, device) → logits [N, 1, V]."""
+        pos = torch.as_tensor(positions, device=self.device)
+        return self.decode_fn(embeds, pos, torch.tensor([slot], device=self.device))
+
     def _step(self, max_new_tokens: int):
         """A `runtime.generation.StepFn` over the static cache (past = the number of filled slots)."""
 
-        @torch.inference_mode()
         def step(embeds, mask, positions, past):
-            pos = torch.as_tensor(np.ascontiguousarray(positions), device=self.device)
             if past is None:
-                x = torch.as_tensor(embeds, device=self.device) if not isinstance(embeds, torch.Tensor) else embeds
-                self.llm.setup_cache(x.shape[0], self.cache_length(x.shape[1], max_new_tokens))
-                logits = self.llm.prefill(x.to(self.llm_dtype), torch.as_tensor(mask, device=self.device), pos)
-                filled = x.shape[1]
+                logits = self.prefill(embeds, mask, positions, max_new_tokens)
+                filled = embeds.shape[1]
             else:
-                slot = torch.tensor([past], device=self.device)
-                logits = self.decode_fn(embeds, pos, slot)
+                logits = self.decode_step(embeds, np.ascontiguousarray(positions), past)
                 filled = past + 1
             return logits.float().cpu().numpy(), filled
 
