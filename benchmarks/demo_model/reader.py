@@ -1,0 +1,195 @@
+"""Issue-17 training stages on the natural-voice data: teach the adapter to read, then the SALMONN.
+
+- `train_adapter_ctc`: the window-level Q-Former, query tokens, ln_speech/ln_audio and projection
+  learn with a CTC loss (`stage2.Trainee.ctc_loss`: each speech token points, by direction, at the
+  LLM input embedding of the token it carries, or at a learned blank) and no LLM forward: cheap
+  steps, and speech tokens that look like the words, in order, which is what an LLM that can copy
+  from its prompt reads out best. The CTC head is training-only (not in the checkpoint).
+  With 8-frame windows (0.16 s) a 30-s window gives 187 speech tokens, 6.2 per second, against
+  ~3.5 BPE tokens per second of speech (fewer windows than tokens would make CTC impossible: the
+  challenge's 17-frame windows give 2.9 per second).
+- `train_reader`: the SALMONN loss (stage2.Trainee.loss: transcript / caption after the prompt-
+  wrapped speech tokens), starting from the adapter, LoRA (r 8, q/v) on the LLM, optionally the
+  whole LLM at `llm_lr`; validation token accuracy picks `checkpoint_best.pth` as the challenge's
+  Runner does.
+
+Both are resumable mid-stage: every `checkpoint_every` steps the trainable tensors, optimizer and
+step go to `<stage>_resume.pt` (temp + rename); batches are drawn from a per-step seeded RNG, so
+a resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import stage2
+import torch
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_resume(path: Path, model, opt, step: int, extra: dict) -> None:
+    state = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    torch.save({"params": state, "optimizer": opt.state_dict(), "step": step, **extra}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
+
+
+def _load_resume(path: Path, model, opt) -> tuple[int, dict]:
+    if not path.exists():
+        return 0, {}
+    ckpt = torch.load(path, weights_only=False)
+    params = _trainable(model)
+    with torch.no_grad():
+        for n, v in ckpt["params"].items():
+            params[n].copy_(v)
+    opt.load_state_dict(ckpt["optimizer"])
+    return int(ckpt["step"]), {k: v for k, v in ckpt.items() if k not in ("params", "optimizer", "step")}
+
+
+def _cosine(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _split(feats: stage2.Features, seed: int) -> tuple[list[int], list[int]]:
+    """Training clips and the validation clips taken out of them (single sentences and scenes);
+    packed clips that contain a validation sentence are dropped, so validation text stays unseen."""
+    train = [i for i, c in enumerate(feats.clips) if c["split"] == "train"]
+    random.Random(seed).shuffle(train)
+    valid = [i for i in train if feats.clips[i]["task"] == "asr" and "segments" not in feats.clips[i]][:48]
+    valid += [i for i in train if feats.clips[i]["task"] != "asr"][:16]
+    valid_text = {feats.clips[i]["text"] for i in valid}
+    leaks = {i for i in train if any(s["text"] in valid_text for s in feats.clips[i].get("segments", []))}
+    if not valid:
+        raise SystemExit("clips.json: no single-sentence or scene training clip to validate on")
+    return sorted(set(train) - set(valid) - leaks), valid
+
+
+def make_trainee(work: Path, llm: Path, end_sym: str, window: int, queries: int, feats: stage2.Features
+                 ) -> stage2.Trainee:
+    return stage2.Trainee(llm, feats.whisper_width, feats.beats_width, ctc_weight=1.0, window=window,
+                          queries=queries, end_sym=end_sym)
+
+
+def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: int, window: int, queries: int,
+                      seed: int, log, lr: float = 2e-3, checkpoint_every: int = 200) -> dict:
+    """CTC pre-training of the adapter; writes work/adapter.pt (trainable tensors incl. the CTC head)."""
+    torch.manual_seed(seed)
+    feats = stage2.Features(work)
+    model = make_trainee(work, llm, end_sym, window, queries, feats)
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            p.requires_grad_(False)
+    params = list(_trainable(model).values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    resume = work / "adapter_resume.pt"
+    start, _ = _load_resume(resume, model, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    for _ in range(start):
+        sched.step()
+    train, _ = _split(feats, seed)
+    asr = [i for i in train if feats.clips[i]["task"] == "asr"]
+    losses, t0 = [], time.time()
+    model.train()
+    for step in range(start, steps):
+        index = random.Random(seed * 1_000_003 + step).sample(asr, batch)
+        w, b, tasks, texts = feats.batch(index)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.ctc_loss(model.speech(w, b), tasks, texts)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            _save_resume(resume, model, opt, step + 1, {})
+            log("adapter-progress", step=step + 1, ctc_loss=round(float(np.mean(losses[-checkpoint_every:])), 3),
+                seconds=round(time.time() - t0, 1))
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n and p.requires_grad}
+    torch.save(state, work / "adapter.pt.tmp")
+    (work / "adapter.pt.tmp").rename(work / "adapter.pt")
+    return {"steps": steps, "batch": batch, "final_ctc_loss": round(float(np.mean(losses[-50:])), 3) if losses else None}
+
+
+def train_reader(work: Path, llm: Path, end_sym: str, steps: int, batch: int, window: int, queries: int, seed: int,
+                 log, lr: float = 5e-4, llm_lr: float = 0.0, ctc_weight: float = 0.0, eval_every: int = 500,
+                 checkpoint_every: int = 100) -> dict:
+    """SALMONN loss from the CTC-trained adapter; writes checkpoint_best.pth and factors_best.pt (as
+    stage2.train_salmonn) by validation token accuracy, checked every `eval_every` steps."""
+    torch.manual_seed(seed)
+    feats = stage2.Features(work)
+    model = make_trainee(work, llm, end_sym, window, queries, feats)
+    model.ctc_weight = ctc_weight
+    adapter = torch.load(work / "adapter.pt", weights_only=True)
+    with torch.no_grad():
+        own = dict(model.named_parameters())
+        for n, v in adapter.items():
+            own[n].copy_(v)
+    base = [p for n, p in model.lm.named_parameters() if ".lora_" not in n]
+    if llm_lr:
+        for p in base:
+            p.requires_grad_(True)
+    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("llama_model.", "lm."))]
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
+    groups = [{"params": adapter_params + lora, "lr": lr}]
+    if llm_lr:
+        groups.append({"params": base, "lr": llm_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, weight_decay=0.05)
+    resume = work / "reader_resume.pt"
+    start, extra = _load_resume(resume, model, opt)
+    best = extra.get("best", -1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    for _ in range(start):
+        sched.step()
+    train, valid = _split(feats, seed)
+    params = [p for g in groups for p in g["params"]]
+    losses, t0 = [], time.time()
+    model.train()
+    for step in range(start, steps):
+        index = random.Random(seed * 1_000_003 + step).sample(train, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model.loss(*feats.batch(index))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            metrics = stage2.evaluate(model, feats, valid)
+            log("reader-eval", step=step + 1, train_loss=round(float(np.mean(losses[-eval_every:])), 4), valid=metrics,
+                seconds=round(time.time() - t0, 1))
+            if metrics["token_accuracy"] > best:
+                best = metrics["token_accuracy"]
+                _save_best(work, model, step + 1, llm, llm_lr > 0)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            _save_resume(resume, model, opt, step + 1, {"best": best})
+    return {"steps": steps, "batch": batch, "best_valid_token_accuracy": best, "llm_lr": llm_lr,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def _save_best(work: Path, model: stage2.Trainee, step: int, llm: Path, llm_trained: bool) -> None:
+    state = {k: v for k, v in model.trainable_state().items()}
+    torch.save({"model": state, "optimizer": None, "config": {}, "scaler": None, "epoch": step},
+               work / "checkpoint_best.pth.tmp")
+    (work / "checkpoint_best.pth.tmp").rename(work / "checkpoint_best.pth")
+    factors = {f"speech_Qformer.{name}.{part}": getattr(low, part).detach().clone()
+               for name, low in model.low_rank.items() for part in ("u", "v")}
+    torch.save(factors, work / "factors_best.pt")
+    if llm_trained:  # the adapted LLM is part of the model then: ship.py takes work/llm_adapted
+        stage2.save_base_llm(model, llm, work / "llm_adapted.tmp")
+        if (work / "llm_adapted").exists():
+            import shutil
+
+            shutil.rmtree(work / "llm_adapted")
+        (work / "llm_adapted.tmp").rename(work / "llm_adapted")
+    (work / "best.json").write_text(json.dumps({"step": step}))
