@@ -49,11 +49,6 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    # bitsandbytes' CPU backend (imported by peft/transformers when installed) logs a warning about an
-    # optional `kernels` package on import; it would break the one-line error promise
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def handle_errors(fn):
