@@ -146,3 +146,16 @@ def test_eval_goes_through_the_loader(tmp_path):
     assert "non-finite" in summary["skipped"][0]["reason"]
     assert summary["truncated"] == [{"testset_id": "test0002", "audio": str(tmp_path / "long.wav"), "dropped_seconds": 10.0}]
     np.testing.assert_array_equal(seen[-1], _challenge_way(tmp_path / "long.wav"))
+
+
+def test_calibration_and_the_reference_go_through_the_loader(tmp_path, tiny_model):
+    from salmonn_export.recipes import Calibration
+    from salmonn_export.transforms.calibration import CalibItem, build_calibration
+
+    wave = np.full(16000, 0.1)
+    wave[-1] = np.nan
+    sf.write(tmp_path / "nan.flac.wav", wave, 16000, subtype="DOUBLE")
+    with pytest.raises(SalmonnError, match="nan.flac.wav: audio holds 1 non-finite samples"):
+        build_calibration(tiny_model, [CalibItem(tmp_path / "nan.flac.wav")], Calibration(samples=1))
+    with pytest.raises(SalmonnError, match="nan.flac.wav: audio holds 1 non-finite samples"):
+        tiny_model.transcribe([tmp_path / "nan.flac.wav"], "asr")
