@@ -158,3 +158,28 @@ def test_low_memory_load_equals_fp32_load(tmp_path):
     a = quantize_model(m_full, q, ("lm_head",), seq)
     b = quantize_model(m_low, q, ("lm_head",), seq, release_weights=True)
     assert all(torch.equal(a.layers[n].codes, b.layers[n].codes) for n in a.layers)
+
+
+@pytest.mark.slow
+def test_lm_head_recipe_on_the_tied_challenge_fixture(challenge_tied_fixture, tmp_path):
+    """w4a16-lmhead on a challenge-written tied model: the graph's lm_head is a MatMulNBits while
+    embed_tokens.npy is the full-precision input table ([PAD] row from the checkpoint included)."""
+    import numpy as np
+    import onnx
+
+    from salmonn_export.export.build import BuildOptions, build_bundle
+    from salmonn_export.model.salmonn import load_salmonn
+
+    config = challenge_tied_fixture / "config.yaml"
+    report = build_bundle(config, load_recipe("w4a16-lmhead"),
+                          BuildOptions(out=tmp_path / "b", calib=challenge_tied_fixture / "ann.json"))
+    bundle = tmp_path / "b"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "lm_head" in manifest["quantization"]["per_layer_error"]
+    nodes = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph.node
+    heads = [n for n in nodes if "lm_head" in n.name and n.op_type in ("MatMul", "MatMulNBits")]
+    assert [n.op_type for n in heads] == ["MatMulNBits"], [(n.name, n.op_type) for n in heads]
+    table = load_salmonn(config).causal_lm.get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(np.load(bundle / "embed_tokens.npy"), table)
+    assert report["validation"]["decoder"]["cosine"] > 0.99999
+    assert np.isfinite(report["quantization_eval"]["mean_kl"])
