@@ -9,12 +9,8 @@ written in a temporary folder beside the target and renamed into place only when
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import platform
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +30,13 @@ from salmonn_export.export.onnx_export import (
     validate_component,
 )
 from salmonn_export.export.specs import ExportSpec, beats_spec, decoder_spec, qformer_spec, whisper_spec
+from salmonn_export.export.stages import StageLog  # noqa: F401  (re-exported: shared with the torch target)
 from salmonn_export.files import atomic_dir
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
 from salmonn_export.transforms.calibration import build_calibration, calibration_items
-from salmonn_export.transforms.lora import merge_error, merged_llm
+from salmonn_export.transforms.lora import merge_in_place
 from salmonn_export.transforms.quantize import quantize_model
 
 FP16_MAX_REL = 0.1  # fp16 graphs: judged mainly by cosine (outliers in large logits dominate max error)
@@ -54,23 +51,6 @@ class BuildOptions:
     force: bool = False
     trt: bool = False
     seed: int = 0
-
-
-@dataclass
-class StageLog:
-    """Stage timings; `on_stage(name)` lets the CLI draw progress."""
-
-    on_stage: Callable[[str], None] | None = None
-    on_progress: Callable[[str, int, int], None] | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self.on_stage:
-            self.on_stage(name)
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - t0, 3)
 
 
 def _source_hashes(cfg: SalmonnConfig) -> dict[str, str]:
@@ -123,11 +103,18 @@ def _library_versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def _quantization_eval(reference: torch.nn.Module, quantized: torch.nn.Module, sequences: list[dict]) -> dict:
-    """Next-token KL and top-1 agreement of the quantized LLM vs the merged fp32 LLM (all positions)."""
+def _log_probs(llm: torch.nn.Module, sequences: list[dict]) -> list[torch.Tensor]:
+    """Next-token log-probabilities [1, S, vocab] fp32 per calibration sequence (the reference for
+    `_quantization_eval`, taken before quantizing so no second copy of the LLM is needed)."""
+    return [torch.log_softmax(llm(**kwargs).logits.double(), -1).float() for kwargs in sequences]
+
+
+@torch.no_grad()
+def _quantization_eval(reference: list[torch.Tensor], quantized: torch.nn.Module, sequences: list[dict]) -> dict:
+    """Next-token KL and top-1 agreement of the quantized LLM vs the merged fp32 LLM's log-probs (all positions)."""
     kls, agree, n = 0.0, 0, 0
-    for kwargs in sequences:
-        lr = torch.log_softmax(reference(**kwargs).logits.double(), -1)
+    for ref, kwargs in zip(reference, sequences):
+        lr = ref.double()
         lq = torch.log_softmax(quantized(**kwargs).logits.double(), -1)
         kls += float((lr.exp() * (lr - lq)).sum(-1).sum())
         agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
@@ -155,10 +142,9 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
     torch.manual_seed(options.seed)
     with log.stage("load reference"):
         cfg = load_config(config_path)
-        salmonn = SALMONN(cfg)
+        salmonn = SALMONN(cfg, low_memory=True)  # fp16-stored LLM layers stay fp16 in RAM, computed in fp32
     with log.stage("merge LoRA"):
-        llm = merged_llm(salmonn)
-        lora_error = merge_error(salmonn, llm)
+        llm, lora_error = merge_in_place(salmonn)  # no copy of the LLM (12.8 GB for a 3B in fp32)
     quant = None
     quant_eval = None
     weights = recipe.llm.weights
@@ -174,12 +160,16 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
             calib_info = {**calib_data.record(), "sequences": len(sequences),
                           "tokens": int(sum(s["inputs_embeds"].shape[1] for s in sequences)),
                           "settings": asdict(settings)}
-        reference_llm = copy.deepcopy(llm)
+        with log.stage("reference log-probs"):
+            reference = _log_probs(llm, sequences)
         with log.stage(f"quantize LLM ({weights.method} int{weights.bits})"):
+            # each Linear becomes its codes as soon as it is quantized: fp32 weights freed layer by layer
             quant = quantize_model(llm, weights, recipe.llm.skip_modules,
-                                   sequences if weights.method == "gptq" else None, progress=log.on_progress)
-        quant_eval = _quantization_eval(reference_llm, llm, sequences) if sequences else None
-        del reference_llm
+                                   sequences if weights.method == "gptq" else None, progress=log.on_progress,
+                                   release_weights=True)
+        with log.stage("quantization eval"):
+            quant_eval = _quantization_eval(reference, llm, sequences) if sequences else None
+        del reference
     embed_scale = float(salmonn.embed_tokens(torch.arange(min(256, len(salmonn.llama_tokenizer)))).std())
     specs: list[ExportSpec] = [whisper_spec(salmonn)]
     if salmonn.beats is not None:
