@@ -1,0 +1,231 @@
+"""Real-size builds on this machine: wall time and peak RSS per stage and recipe, bundle sizes,
+then `bench` and `verify` of each bundle. Resumable: every finished step is appended to
+`benchmarks/results/<preset>.json` (preset `challenge-1b` → `challenge_1b.json`) and skipped on
+the next run; a bundle already on disk is not rebuilt. Run it in the background:
+
+    nohup nice -n 5 .venv/bin/python benchmarks/real_size/run.py --preset challenge-1b \
+        --recipes w4a16 fp32 > /work/realsize/run-1b.log 2>&1 &
+
+Models and bundles live outside the repo (`--root`, default /work/realsize): the preset folder is
+written there first (`salmonn-export tiny ROOT/PRESET --preset PRESET`) when missing. RSS is
+sampled every 0.2 s with psutil in the process doing the work (one child process per step, so
+peaks do not carry over) and attributed to the stage running at that moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+CLI = [str(REPO / ".venv" / "bin" / "salmonn-export")]
+
+
+class RssSampler:
+    """Peak RSS (bytes) of this process overall and per current stage name."""
+
+    def __init__(self, period: float = 0.2):
+        self.proc = psutil.Process()
+        self.stage = "start"
+        self.peaks: dict[str, int] = {}
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            rss = self.proc.memory_info().rss
+            self.peak = max(self.peak, rss)
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), rss)
+            time.sleep(period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _build_one(config: Path, recipe_name: str, out: Path, calib: Path | None, fragment: Path) -> None:
+    """Child process: one build, timed and sampled; writes its record to `fragment`."""
+    from salmonn_export.export.build import BuildOptions, StageLog, build_bundle
+    from salmonn_export.recipes import load_recipe
+
+    t0 = time.perf_counter()
+    with RssSampler() as rss:
+        def on_stage(name: str) -> None:
+            rss.stage = name
+            print(f"[{time.perf_counter() - t0:8.1f}s rss {rss.proc.memory_info().rss / 2**30:5.2f} GiB, peak so far "
+                  f"{rss.peak / 2**30:5.2f} GiB in {max(rss.peaks, key=rss.peaks.get, default='-')}] {name}", flush=True)
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            print(f"    {done}/{total} {name} (rss {rss.proc.memory_info().rss / 2**30:.2f} GiB)", flush=True)
+
+        log = StageLog(on_stage=on_stage, on_progress=on_progress)
+        report = build_bundle(config, load_recipe(recipe_name), BuildOptions(out=out, calib=calib, force=True), log)
+    record = {
+        "recipe": recipe_name, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "peak_rss_gib": round(rss.peak / 2**30, 2),
+        "stages": {name: {"seconds": secs, "peak_rss_gib": round(rss.peaks.get(name, 0) / 2**30, 2)}
+                   for name, secs in report["seconds"].items()},
+        "sizes_bytes": report["sizes"], "bundle_bytes": report["bundle_bytes"],
+        "validation": report["validation"], "quantization_eval": report["quantization_eval"],
+        "lora_merge_max_abs_logit_diff": report["lora_merge_max_abs_logit_diff"], "bundle": str(out),
+    }
+    fragment.write_text(json.dumps(record, indent=1))
+
+
+def _timed(cmd: list[str], log_path: Path) -> dict:
+    """Run a CLI command, sampling the child's RSS; returns wall time, peak RSS, exit code."""
+    t0 = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, ps.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.2)
+    return {"rc": proc.returncode, "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(peak / 2**30, 2)}
+
+
+def _results_path(preset: str) -> Path:
+    return RESULTS / f"{preset.replace('-', '_')}.json"
+
+
+def _load(preset: str) -> dict:
+    path = _results_path(preset)
+    return json.loads(path.read_text()) if path.is_file() else {"preset": preset, "machine": _machine(), "steps": {}}
+
+
+def _save(preset: str, data: dict) -> None:
+    path = _results_path(preset)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    _write_markdown(data, path.with_suffix(".md"))
+
+
+def _machine() -> dict:
+    return {"cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "note": "2 cores and 24 GB shared with other engineers' jobs; times are upper bounds"}
+
+
+def _write_markdown(data: dict, path: Path) -> None:
+    lines = [f"# {data['preset']}: real-size build, bench and verify on CPU", "",
+             f"Machine: {data['machine']['cpus']} CPUs, {data['machine']['ram_gib']} GiB RAM ({data['machine']['note']}).",
+             "Produced by `benchmarks/real_size/run.py`.", ""]
+    if "model" in data:
+        m = data["model"]
+        lines += [f"Model folder: {m.get('bytes', 0) / 1e9:.2f} GB, written in {m.get('wall_seconds')} s, "
+                  f"peak RSS {m.get('peak_rss_gib')} GiB.", ""]
+    lines += [f"Note: {n}" for n in data.get("notes", [])] + ([""] if data.get("notes") else [])
+    for key, step in data["steps"].items():
+        lines.append(f"## {key}")
+        if step.get("error"):
+            lines += [f"FAILED: {step['error']}", ""]
+            continue
+        if key.startswith("build"):
+            lines.append(f"Wall {step['wall_seconds']} s, peak RSS {step['peak_rss_gib']} GiB, bundle "
+                         f"{step['bundle_bytes'] / 1e9:.2f} GB.")
+            lines += ["", "| stage | seconds | peak RSS GiB |", "|---|---:|---:|"]
+            lines += [f"| {n} | {s['seconds']} | {s['peak_rss_gib']} |" for n, s in step["stages"].items()]
+            lines += ["", "| component | bytes |", "|---|---:|"]
+            lines += [f"| {n} | {b:,} |" for n, b in step["sizes_bytes"].items()]
+            if step.get("quantization_eval"):
+                q = step["quantization_eval"]
+                lines.append(f"\nQuantization on calibration: mean KL {q['mean_kl']:.4g}, top-1 {q['top1_agreement']:.3f} "
+                             f"over {q['positions']} positions.")
+        else:
+            lines.append(f"Wall {step['wall_seconds']} s, peak RSS {step['peak_rss_gib']} GiB, exit {step['rc']}.")
+            if step.get("summary"):
+                lines += ["", "```json", json.dumps(step["summary"], indent=1)[:4000], "```"]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", required=True, choices=["challenge-1b", "challenge-3b"])
+    ap.add_argument("--recipes", nargs="+", default=["w4a16"])
+    ap.add_argument("--root", type=Path, default=Path("/work/realsize"))
+    ap.add_argument("--calib", type=Path, default=None, 
+                    help="annotation .json (default ROOT/calib-data/annotation.json, made by demo-data)")
+    ap.add_argument("--steps", nargs="+", default=["build", "verify", "bench"])
+    ap.add_argument("--bench-iters", type=int, default=3)
+    ap.add_argument("--min-free-gib", type=float, default=0.0, help="wait for this much available RAM before a build")
+    ap.add_argument("--verify-data", type=Path, default=None,
+                    help="annotation .json for verify (default ROOT/calib-data/verify-4.json: 2 ASR + 2 AAC clips)")
+    ap.add_argument("--one", nargs=3, metavar=("CONFIG", "RECIPE", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--fragment", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        _build_one(Path(args.one[0]), args.one[1], Path(args.one[2]), args.calib, args.fragment)
+        return
+    root = args.root
+    calib = args.calib or root / "calib-data" / "annotation.json"
+    if not calib.is_file():
+        subprocess.run([*CLI, "demo-data", str(calib.parent)], check=True)
+    folder = root / args.preset
+    data = _load(args.preset)
+    log_path = root / f"{args.preset}.steps.log"
+    if not (folder / "config.yaml").is_file():
+        rec = _timed([*CLI, "tiny", str(folder), "--preset", args.preset], log_path)
+        data["model"] = {**rec, "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
+        _save(args.preset, data)
+    config = folder / "config.yaml"
+    for recipe in args.recipes:
+        bundle = root / f"{args.preset}-{recipe}"
+        if "build" in args.steps and data["steps"].get(f"build {recipe}", {"error": "not run"}).get("error"):
+            fragment = root / f".{args.preset}-{recipe}.build.json"
+            while psutil.virtual_memory().available < args.min_free_gib * 2**30:  # the machine is shared
+                print(f"waiting for {args.min_free_gib} GiB free RAM "
+                      f"({psutil.virtual_memory().available / 2**30:.1f} now)", flush=True)
+                time.sleep(30)
+            print(f"build {args.preset} {recipe} (free {psutil.virtual_memory().available / 2**30:.1f} GiB)", flush=True)
+            rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib),
+                                 "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
+            data["steps"][f"build {recipe}"] = (json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
+                                                else {"error": f"build exited {rc} (see the log)"})
+            _save(args.preset, data)
+        if not (bundle / "manifest.json").is_file():
+            continue
+        if "verify" in args.steps and f"verify {recipe}" not in data["steps"]:
+            report = root / f"{args.preset}-{recipe}.verify.json"
+            verify_data = args.verify_data or calib.parent / "verify-4.json"
+            if not verify_data.is_file():
+                entries = json.loads(calib.read_text())["annotation"]
+                pick = [e for e in entries if e["task"] == "asr"][:2] + [e for e in entries if e["task"] != "asr"][:2]
+                verify_data.write_text(json.dumps({"annotation": pick}, indent=1))
+            rec = _timed([*CLI, "verify", str(bundle), "--model", str(config), "--data", str(verify_data),
+                          "--report", str(report)], log_path)
+            rec["summary"] = json.loads(report.read_text()) if report.is_file() else None
+            data["steps"][f"verify {recipe}"] = rec
+            _save(args.preset, data)
+        if "bench" in args.steps and f"bench {recipe}" not in data["steps"]:
+            out = root / f"{args.preset}-{recipe}.bench.json"
+            rec = _timed([*CLI, "bench", str(bundle), "--model", str(config), "--warmup", "1",
+                          "--iters", str(args.bench_iters), "--stage-iters", "1", "--no-generation",
+                          "--out", str(out)], log_path)
+            rec["summary"] = json.loads(out.read_text()) if out.is_file() else None
+            data["steps"][f"bench {recipe}"] = rec
+            _save(args.preset, data)
+
+
+if __name__ == "__main__":
+    main()
