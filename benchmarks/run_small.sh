@@ -17,7 +17,7 @@ for r in fp32 fp16 w8a16 w4a16 w4a8 w4a16-rtn; do
   cp "$WORK/small-$r/build_report.json" "$OUT/build_small_$r.json"
 done
 $SX bench "$WORK/small-fp32" "$WORK/small-w8a16" "$WORK/small-w4a16" "$WORK/small-w4a8" --model "$WORK/model/config.yaml" \
-  --warmup "${WARMUP:-3}" --iters "${ITERS:-20}" --stage-iters 5 --json "$OUT/bench_small.json" --markdown "$OUT/bench_small.md"
+  --warmup "${WARMUP:-3}" --iters "${ITERS:-20}" --stage-iters 5 --out "$OUT/bench_small.json" --markdown "$OUT/bench_small.md"
 for r in fp32 fp16 w8a16 w4a16 w4a8 w4a16-rtn; do
   $SX verify "$WORK/small-$r" --model "$WORK/model/config.yaml" --data "$WORK/set/annotation.json" \
     --report "$OUT/verify_small_$r.json" > /dev/null || true

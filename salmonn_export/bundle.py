@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from salmonn_export.errors import SalmonnError
+from salmonn_export.files import atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,9 +40,8 @@ def hash_tree(root: Path) -> dict[str, str]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write `data` as sorted, indented UTF-8 JSON, atomically (`files.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False, default=str) + "\n")
 
 
 def read_manifest(bundle: str | Path, verify_hashes: bool = True) -> dict[str, Any]:

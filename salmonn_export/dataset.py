@@ -7,8 +7,10 @@ like the challenge's prefix when a root is given, else relative to the annotatio
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +39,33 @@ class Example:
     question: str | None = None
 
 
-def read_annotation(path: str | Path, task: str | None = None, audio_root: str | Path | None = None) -> list[Example]:
-    """Parse and check an annotation file; with `task` (asr | aac), keep that task's items."""
+def challenge_task_keys() -> set[str]:
+    """The task keys an annotation item may have: those of the challenge's `test_prompt.json`
+    (evaluate_salmonn.py looks every item's task up there and fails on any other)."""
+    from salmonn_export.model.prompts import builtin_test_prompts
+
+    return set(builtin_test_prompts())
+
+
+def _unknown_task(i: int, item: dict, known: Collection[str], path: Path) -> SalmonnError:
+    task = item["task"]
+    guess = [k for k in sorted(known) if k.lower() == task.lower()]
+    if not guess and task in TASK_KEYS:  # a command-line task name (aac) instead of its key
+        guess = [TASK_KEYS[task]]
+    guess = guess or difflib.get_close_matches(task, sorted(known), n=1)
+    hint = f" (did you mean `{guess[0]}`?)" if guess else ""
+    return SalmonnError(f"annotation item {i} (`{item['testset_id']}`): unknown task `{task}`{hint}; tasks are the "
+                        "challenge's prompt keys: asr, audiocaption_v2, ...", path)
+
+
+def read_annotation(path: str | Path, task: str | None = None, audio_root: str | Path | None = None,
+                    known_tasks: Collection[str] | None = None) -> list[Example]:
+    """Parse and check an annotation file; with `task` (asr | aac), keep that task's items.
+
+    Every item's `task` must be one of `known_tasks` (default: `challenge_task_keys()`), whether
+    or not `task` keeps it: a typo such as "ASR" is an error naming the item, never a silent skip.
+    Raises SalmonnError naming the file for every problem.
+    """
     path = Path(path)
     if not path.is_file():
         raise SalmonnError("annotation file not found", path)
@@ -51,6 +78,7 @@ def read_annotation(path: str | Path, task: str | None = None, audio_root: str |
     if task is not None and task not in TASK_KEYS:
         raise SalmonnError(f"unknown task `{task}`; choose asr or aac")
     wanted = TASK_KEYS.get(task) if task else None
+    known = challenge_task_keys() if known_tasks is None else set(known_tasks)
     out, seen = [], set()
     for i, item in enumerate(data["annotation"]):
         if not isinstance(item, dict):
@@ -61,6 +89,8 @@ def read_annotation(path: str | Path, task: str | None = None, audio_root: str |
         item_task = item.get("task", "asr")
         if not isinstance(item_task, str):
             raise SalmonnError(f"annotation item {i}: `task` must be a string", path)
+        if item_task not in known:
+            raise _unknown_task(i, {**item, "task": item_task}, known, path)
         if wanted and item_task != wanted:
             continue
         if item["testset_id"] in seen:

@@ -12,3 +12,8 @@ class SalmonnError(Exception):
         self.problem = problem
         self.path = str(path) if path is not None else None
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's handler so that every clean-up that runs on
+    Ctrl-C (atomic folders removed, partial eval results kept for resuming) runs the same way."""

@@ -1,10 +1,17 @@
-"""Writing folders atomically: build in a temporary sibling, rename into place only when complete."""
+"""Writing folders atomically: build in a temporary sibling, rename into place only when complete.
+
+Outputs get ordinary permissions: folders `0o777 & ~umask`, files `0o666 & ~umask` (executables keep
+their x bits), whatever the writers inside used (onnx writes external data 0600), so a bundle built
+by one user can be run by another.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shutil
-import tempfile
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +19,50 @@ from pathlib import Path
 from salmonn_export.errors import SalmonnError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(root: Path, umask: int | None = None) -> None:
+    """Give `root` and everything below it umask-respecting modes (symlinks are left alone).
+
+    Folders and executables get `0o777 & ~umask`, other files `0o666 & ~umask`.
+    """
+    umask = current_umask() if umask is None else umask
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        executable = stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+
+def _building_dir(out: Path) -> Path:
+    """A new empty sibling `.NAME.building-XXXXXXXX`, created with the umask's mode (mkdtemp forces 0700)."""
+    for _ in range(100):
+        tmp = out.with_name(f".{out.name}.building-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {out}")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, what: str = "output folder") -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `out`; on success it replaces `out`, on any error
-    (Ctrl-C included) it is removed and `out` is left as it was.
+    """Yield a fresh temporary folder beside `out`; on success it replaces `out` with umask-respecting
+    permissions (`normalize_modes`), on any error (Ctrl-C and SIGTERM in the CLI included) it is
+    removed and `out` is left as it was.
 
     Without `force`, an existing non-empty `out` is an error.
     """
@@ -24,11 +71,12 @@ def atomic_dir(out: str | Path, force: bool = False, what: str = "output folder"
         raise SalmonnError(f"{what} already exists and is not empty (use --force to replace it)", out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        tmp = _building_dir(out)
     except OSError as exc:
-        raise SalmonnError(f"cannot write the {what} here ({exc.strerror})", out.parent) from None
+        raise SalmonnError(f"cannot write the {what} here ({exc.strerror or exc})", out.parent) from None
     try:
         yield tmp
+        normalize_modes(tmp)
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
             out.rename(trash)
@@ -39,3 +87,17 @@ def atomic_dir(out: str | Path, force: bool = False, what: str = "output folder"
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` through a hidden sibling temp file renamed into place: readers
+    see the old file or the new one, never a half-written one; the temp file is removed on any error
+    (Ctrl-C and SIGTERM in the CLI included). The file gets the umask's mode (0o666 & ~umask)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -51,7 +51,7 @@ def test_bench_cli_on_a_tiny_bundle(tmp_path, tiny_dir):
     bundle = tmp_path / "fp32"
     build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=bundle))
     proc = run("bench", bundle, "--model", tiny_dir / "config.yaml", "--warmup", "1", "--iters", "2", "--stage-iters", "1",
-               "--audio-seconds", "2", "--no-memory", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md",
+               "--audio-seconds", "2", "--no-memory", "--out", tmp_path / "b.json", "--markdown", tmp_path / "b.md",
                "--batch-sizes", "1,2", "--new-tokens", "2", "--plot", tmp_path / "b.png")
     result = json.loads((tmp_path / "b.json").read_text())
     assert set(result["protocol"]) == {"reference", "engine:fp32"}
@@ -68,7 +68,7 @@ def test_bench_cli_on_a_tiny_bundle(tmp_path, tiny_dir):
     assert (tmp_path / "b.png").is_file() or "matplotlib is not installed" in proc.stderr
     assert proc.returncode == 0
     bad = run("bench", bundle, "--iters", "0", check=False)
-    assert bad.returncode == 2 and "--iters >= 1" in bad.stderr
+    assert bad.returncode == 2 and "'--iters': must be >= 1, got 0" in bad.stderr
     bad = run("bench", bundle, "--device", "tpu", check=False)
     assert bad.returncode == 2 and "--device must be cpu or cuda" in bad.stderr
     import torch

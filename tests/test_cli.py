@@ -53,7 +53,7 @@ def test_inspect_reports_problems_with_exit_1(challenge_fixture):
 
 
 def test_help_teaches_with_examples():
-    for cmd in ("tiny", "inspect", "generate"):
+    for cmd in ("tiny", "inspect", "generate", "merge", "demo-data", "serve", "bench", "run", "eval", "recipes"):
         assert "Example:" in run(cmd, "--help").stdout
 
 
@@ -65,6 +65,12 @@ def test_build_run_verify_inspect_bundle_cli(tmp_path, tiny_dir, audio_dir):
     report = json.loads(run("build", "--recipe", "w8a16", "--model", tiny_dir / "config.yaml", "--out", bundle,
                             "--calib", calib, "--json").stdout)
     assert report["sizes"]["decoder"] > 0 and report["validation"]["decoder"]["max_rel"] < 1e-4
+    from salmonn_export.files import current_umask
+
+    umask = current_umask()
+    for p in [bundle, *bundle.rglob("*")]:  # readable by a service account: umask-respecting, not mkdtemp's 0700
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
     proc = run("build", "--recipe", "w8a16", "--model", tiny_dir / "config.yaml", "--out", bundle, check=False)
     assert proc.returncode == 2 and "use --force" in proc.stderr
     proc = run("build", "--recipe", "nope", "--model", tiny_dir / "config.yaml", check=False)
@@ -86,7 +92,8 @@ def test_demo_data_eval_score_validate_merge_cli(tmp_path, tiny_dir):
     from salmonn_export.export.build import BuildOptions, build_bundle
     from salmonn_export.recipes import load_recipe
 
-    run("demo-data", tmp_path / "set")
+    info = json.loads(run("demo-data", tmp_path / "set", "--json").stdout)
+    assert info["annotation"] == str((tmp_path / "set" / "annotation.json").resolve())
     ann = json.loads((tmp_path / "set" / "annotation.json").read_text())["annotation"]
     assert {a["task"] for a in ann} == {"asr", "audiocaption_v2"} and all(a["text"] for a in ann)
     bundle = tmp_path / "b"
@@ -100,7 +107,9 @@ def test_demo_data_eval_score_validate_merge_cli(tmp_path, tiny_dir):
     assert scored["spider"] == summary["score"]["spider"]
     for i in range(2):
         run("eval", "--task", "asr", "--engine", bundle, *common, "--shard", f"{i}/2", "--out", tmp_path / f"p{i}.csv")
-    run("merge", tmp_path / "p0.csv", tmp_path / "p1.csv", "--out", tmp_path / "asr.csv", *common, "--task", "asr")
+    merged = json.loads(run("merge", tmp_path / "p0.csv", tmp_path / "p1.csv", "--out", tmp_path / "asr.csv", *common,
+                            "--task", "asr", "--json").stdout)
+    assert merged["rows"] == sum(a["task"] == "asr" for a in ann) and merged["csv"] == str(tmp_path / "asr.csv")
     run("eval", "--task", "asr", "--engine", bundle, *common, "--out", tmp_path / "whole.csv")
     assert (tmp_path / "asr.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
     assert run("validate-submission", tmp_path / "asr.csv", *common, "--task", "asr").returncode == 0

@@ -13,9 +13,9 @@ import torch
 from transformers import DynamicCache
 
 from salmonn_export.audio import load_audio
+from salmonn_export.bundle import sha256_file
 from salmonn_export.errors import SalmonnError
 from salmonn_export.export.build import BuildOptions, build_bundle
-from salmonn_export.bundle import sha256_file
 from salmonn_export.harness.parity import Item, judge, verify
 from salmonn_export.recipes import load_recipe
 from salmonn_export.runtime.engine import Engine

@@ -10,18 +10,20 @@ import typer
 from rich.table import Table
 
 from salmonn_export.cli.common import (
+    SEED_MAX,
     JsonOpt,
     ModelOpt,
     app,
+    bounded,
     err,
     handle_errors,
     model_config,
     out,
 )
-from salmonn_export.errors import SalmonnError
 
 
 @app.command()
+@handle_errors
 def recipes(as_json: JsonOpt = False):
     """List the built-in build recipes (recipes/*.yaml); `build --recipe PATH.yaml` takes your own.
 
@@ -56,10 +58,11 @@ def build(
     calib: Annotated[Path | None, typer.Option(help="Calibration audio: a folder or an annotation .json "
                                                     "(default: the config's datasets valid/test/train annotation; "
                                                     "the demo clips for the demo model).")] = None,
-    calib_samples: Annotated[int | None, typer.Option(help="Calibration sequences (default from the recipe).")] = None,
+    calib_samples: Annotated[int | None, typer.Option(callback=bounded(1),
+                                                      help="Calibration sequences (default from the recipe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines for the encoders and Q-Former.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for calibration order and dummy inputs.")] = 0,
+    seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX), help="Seed for calibration order and dummy inputs.")] = 0,
     as_json: JsonOpt = False,
 ):
     """Build an engine bundle: merge LoRA, quantize the LLM, export every component to ONNX, validate.
@@ -76,8 +79,6 @@ def build(
     if out_dir is None:
         stem = "demo" if model is None else config.resolve().parent.name
         out_dir = Path("engines") / f"{stem}-{rec.name}"
-    if calib_samples is not None and calib_samples < 1:
-        raise SalmonnError("--calib-samples must be >= 1")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:
         current = {"task": None}

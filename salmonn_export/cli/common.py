@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -17,9 +22,52 @@ import typer
 from rich.console import Console
 
 from salmonn_export import __version__
-from salmonn_export.errors import SalmonnError
+from salmonn_export.errors import SalmonnError, Terminated
 
-app = typer.Typer(
+
+def _usage_error_types() -> tuple[type[Exception], type[Exception]]:
+    """(ClickException, NoArgsIsHelpError) as typer raises them: its vendored click since 0.2x, click before."""
+    try:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    except ImportError:  # typer < 0.20 uses the click package
+        from click.exceptions import ClickException, NoArgsIsHelpError
+    return ClickException, NoArgsIsHelpError
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+class SalmonnTyper(typer.Typer):
+    """The app's entry point: usage errors (an option out of its range, a bad value, an unknown
+    option) print one line `error: ...` with exit 2 instead of a boxed usage screen, and SIGTERM
+    raises `Terminated` (a KeyboardInterrupt) in the main thread, so a scheduler's stop cleans up
+    exactly as Ctrl-C does (exit 143)."""
+
+    def __call__(self, *args, **kwargs):
+        click_exception, no_args_is_help = _usage_error_types()
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except no_args_is_help:
+            code = 2  # typer has printed the help
+        except click_exception as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            err.print(f"[bold red]error:[/] {' '.join(exc.format_message().split())}{hint}", markup=True,
+                      highlight=False, soft_wrap=True)
+            code = exc.exit_code
+        except typer.Abort:
+            err.print("aborted")
+            code = 1
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = SalmonnTyper(
     name="salmonn-export",
     help="Compile a trained SALMONN (Whisper + BEATs + Q-Former + LoRA Llama) into verified engine bundles.\n\n"
     "Without --model, commands use the embedded demo SALMONN (built on first use, no downloads).",
@@ -42,6 +90,30 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, tensorrt or auto (Tenso
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="asr (WER) or aac (the challenge's SPIDEr = CIDEr-D × 100).")]
 
 
+SEED_MAX = 2**32 - 1  # numpy and torch both take seeds in [0, 2**32)
+
+
+def bounded(low: float | None = None, high: float | None = None, *, above: float | None = None) -> Callable:
+    """An option callback that refuses nan/inf and values below `low`, not above `above`, or above `high`.
+
+    A refusal is a usage error: one line `error: Invalid value for '--x': must be >= 1, got 0`, exit 2.
+    """
+    def check(value):
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number, got {value}")
+        if low is not None and value < low:
+            raise typer.BadParameter(f"must be >= {low}, got {value}")
+        if above is not None and value <= above:
+            raise typer.BadParameter(f"must be > {above}, got {value}")
+        if high is not None and value > high:
+            raise typer.BadParameter(f"must be <= {high}, got {value}")
+        return value
+
+    return check
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
@@ -59,6 +131,9 @@ def handle_errors(fn):
         except SalmonnError as exc:
             err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except Terminated:
+            err.print("terminated")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -86,16 +161,24 @@ def audio_or_demo(audio: list[Path] | None, task: str, explicit: bool, what: str
     return demo_clips(task)
 
 
-def print_texts(audio: list[Path], texts: list[str], as_json: bool, info: dict) -> None:
-    """One `file<TAB>text` line per file (repr() when the text has unprintable characters), or JSON;
-    a `warning:` line on stderr (and `dropped_seconds` in JSON) for audio past the model's 30 s."""
-    dropped = [warn_dropped_audio(a) for a in audio]
+def stream_texts(audio: list[Path], batch_size: int, transcribe: Callable[[list[Path]], list[str]], as_json: bool,
+                 info: dict, seconds_key: str) -> None:
+    """Run `transcribe` batch by batch and print one `file<TAB>text` line per file as its batch
+    finishes (repr() when the text has unprintable characters); with `as_json`, one JSON document
+    when all are done: `info`, `seconds_key` (wall seconds) and `results` [{audio, text, dropped_seconds}]
+    in order. Audio past the model's 30 s window gets a `warning:` line on stderr (`warn_dropped_audio`)."""
+    start = time.perf_counter()
+    results = []
+    for first in range(0, len(audio), batch_size):
+        batch = audio[first:first + batch_size]
+        for a, t in zip(batch, transcribe(batch)):
+            results.append({"audio": str(a), "text": t, "dropped_seconds": warn_dropped_audio(a)})
+            if not as_json:
+                sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+                sys.stdout.flush()
     if as_json:
-        results = [{"audio": str(a), "text": t, "dropped_seconds": d} for a, t, d in zip(audio, texts, dropped)]
-        print(json.dumps({**info, "results": results}, indent=1, ensure_ascii=False))
-        return
-    for a, t in zip(audio, texts):
-        sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+        info = {**info, seconds_key: round(time.perf_counter() - start, 3), "results": results}
+        print(json.dumps(info, indent=1, ensure_ascii=False))
 
 
 def warn_dropped_audio(path: Path) -> float:

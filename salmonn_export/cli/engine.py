@@ -10,19 +10,22 @@ from typing import Annotated
 import typer
 
 from salmonn_export.cli.common import (
+    SEED_MAX,
     DeviceOpt,
     EngineOpt,
     JsonOpt,
     ModelOpt,
     app,
     audio_or_demo,
+    bounded,
     engine_path,
     err,
     handle_errors,
     out,
-    print_texts,
+    stream_texts,
 )
 from salmonn_export.errors import SalmonnError
+from salmonn_export.files import atomic_write_text
 
 
 @app.command()
@@ -31,29 +34,33 @@ def run(
     audio: Annotated[list[Path] | None, typer.Argument(help="Audio files. Default: the demo clips for the task.")] = None,
     task: Annotated[str, typer.Option("--task", "-t", help="asr, aac, or another task key of the bundle's prompts.")] = "asr",
     engine: EngineOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 1,
-    num_beams: Annotated[int | None, typer.Option(help="Override the bundle's num_beams (1 = greedy).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Override max_new_tokens.")] = None,
+    batch_size: Annotated[int, typer.Option(callback=bounded(1), help="Clips per batch.")] = 1,
+    num_beams: Annotated[int | None, typer.Option(callback=bounded(1),
+                                                  help="Override the bundle's num_beams (1 = greedy).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(callback=bounded(1), help="Override max_new_tokens.")] = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ):
     """Run an engine bundle on audio files (onnxruntime + numpy, no PyTorch): one line per file.
 
+    Each `file<TAB>text` line is printed as soon as its batch finishes; --json prints one JSON
+    document (settings, timings, results in order) when all files are done.
+
     Example: salmonn-export run --engine engines/demo-w4a16 --task asr speech.wav
     """
     from salmonn_export.runtime.engine import Engine
 
-    if batch_size < 1:
-        raise SalmonnError("--batch-size must be >= 1")
     bundle = engine_path(engine)
     audio = audio_or_demo(audio, task, engine is not None, "engine")
     t0 = time.perf_counter()
     eng = Engine(bundle, device=device)
     load_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    texts = eng.transcribe(audio, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    print_texts(audio, texts, as_json, {"task": task, "engine": str(bundle), "providers": [str(p) for p in eng.providers],
-                                         "load_seconds": round(load_s, 3), "run_seconds": round(time.perf_counter() - t1, 3)})
+
+    def transcribe(batch: list[Path]) -> list[str]:
+        return eng.transcribe(batch, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+
+    stream_texts(audio, batch_size, transcribe, as_json, {"task": task, "engine": str(bundle), "load_seconds":
+                 round(load_s, 3), "providers": [str(p) for p in eng.providers]}, "run_seconds")
 
 
 @app.command()
@@ -65,7 +72,8 @@ def verify(
                                                    "(default: the config's datasets valid/test/train annotation; "
                                                    "the demo clips for the demo model).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here (and a .md beside it).")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Override num_beams for the end-to-end texts.")] = None,
+    num_beams: Annotated[int | None, typer.Option(callback=bounded(1),
+                                                  help="Override num_beams for the end-to-end texts.")] = None,
     as_json: JsonOpt = False,
 ):
     """Prove parity: reference vs engine, stage by stage and end to end, against the recipe's thresholds.
@@ -109,7 +117,7 @@ def verify(
 
         report.parent.mkdir(parents=True, exist_ok=True)
         write_json(report, full)
-        report.with_suffix(".md").write_text(markdown_report(result, verdict, str(bundle), recipe))
+        atomic_write_text(report.with_suffix(".md"), markdown_report(result, verdict, str(bundle), recipe))
     if as_json:
         print(json.dumps(full, indent=1, ensure_ascii=False))
     else:
@@ -124,29 +132,33 @@ def bench(
     engines: Annotated[list[Path] | None, typer.Argument(help="Engine bundles (default: the demo w4a16 bundle).")] = None,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also measure the PyTorch reference.")] = True,
     model: ModelOpt = None,
-    audio_seconds: Annotated[float, typer.Option(help="Length of the N(0,1) noise clip (challenge: 10).")] = 10.0,
-    warmup: Annotated[int, typer.Option(help="Warm-up iterations, discarded (challenge: 10).")] = 10,
-    iters: Annotated[int, typer.Option(help="Timed iterations (challenge: 100).")] = 100,
-    stage_iters: Annotated[int, typer.Option(help="Timed iterations per stage.")] = 10,
+    audio_seconds: Annotated[float, typer.Option(callback=bounded(high=30, above=0),
+                                                 help="Length of the N(0,1) noise clip (challenge: 10).")] = 10.0,
+    warmup: Annotated[int, typer.Option(callback=bounded(0), help="Warm-up iterations, discarded (challenge: 10).")] = 10,
+    iters: Annotated[int, typer.Option(callback=bounded(1), help="Timed iterations (challenge: 100).")] = 100,
+    stage_iters: Annotated[int, typer.Option(callback=bounded(1), help="Timed iterations per stage.")] = 10,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Peak RSS per system in a subprocess.")] = True,
     batch_sizes: Annotated[str, typer.Option(help="Throughput batch sizes (greedy, --new-tokens each); empty = skip.")] = "1,4",
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per clip for the throughput runs.")] = 16,
+    new_tokens: Annotated[int, typer.Option(callback=bounded(1), help="Tokens generated per clip for the throughput runs.")] = 16,
     generation: Annotated[bool, typer.Option("--generation/--no-generation", help="Throughput, full beam-search "
                                                                                  "answer and clip end-to-end runs.")] = True,
     clip: Annotated[Path | None, typer.Option(help="Real clip for the end-to-end latency (default: a demo clip).")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here (needs matplotlib).")] = None,
     device: Annotated[str, typer.Option(help="cpu, or cuda: the reference under fp16 autocast with CUDA memory "
                                              "figures, engines on the CUDA execution provider.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of the noise clip (the challenge's is unseeded).")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result JSON here.")] = None,
+    seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX),
+                                      help="Seed of the noise clip (the challenge's is unseeded).")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the full result JSON here.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full result JSON instead of the markdown "
+                                                          "table.")] = False,
 ):
     """Measure TTFT, TPOT, memory and stage times with the challenge's protocol, engines beside the reference.
 
     Engines and the reference are interleaved in one run, with engine/reference ratios and a
     memory-bandwidth roofline.
 
-    Example: salmonn-export bench engines/demo-w4a16 --warmup 2 --iters 10 --json bench.json
+    Example: salmonn-export bench engines/demo-w4a16 --warmup 2 --iters 10 --out bench.json --markdown bench.md
     """
     import numpy as np
     from rich.progress import Progress
@@ -166,15 +178,23 @@ def bench(
     from salmonn_export.harness.bench_systems import engine_system, reference_system
     from salmonn_export.runtime.engine import Engine
 
-    if warmup < 0 or iters < 1 or stage_iters < 1 or audio_seconds <= 0 or audio_seconds > 30:
-        raise SalmonnError("need --warmup >= 0, --iters >= 1, --stage-iters >= 1 and 0 < --audio-seconds <= 30")
     if device not in ("cpu", "cuda"):
         raise SalmonnError("--device must be cpu or cuda")
+    try:  # every option is checked before anything is measured
+        sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise SalmonnError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    if any(b < 1 for b in sizes):
+        raise SalmonnError(f"--batch-sizes must be >= 1 each, got {batch_sizes!r}")
     if device == "cuda":
         import torch
 
         if reference and not torch.cuda.is_available():
             raise SalmonnError("--device cuda: no CUDA device is visible to this torch build")
+    for b in engines or []:
+        if b.suffix == ".json" and not b.is_dir():
+            raise SalmonnError("a .json file, not an engine bundle (`--json` is a flag now; write the result "
+                               "with --out PATH)", b)
     bundles = list(engines) if engines else [engine_path(None)]
     wave = np.random.default_rng(seed).standard_normal(int(16000 * audio_seconds))
     systems = []
@@ -202,12 +222,6 @@ def bench(
                                                     audio_seconds, device)
     generation_result = None
     if generation:
-        try:
-            sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
-        except ValueError:
-            raise SalmonnError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
-        if any(b < 1 for b in sizes) or new_tokens < 1:
-            raise SalmonnError("batch sizes and --new-tokens must be >= 1")
         if clip is None:
             from salmonn_export.model.demo import demo_clips
 
@@ -240,5 +254,8 @@ def bench(
     text = markdown(result)
     if markdown_out:
         markdown_out.parent.mkdir(parents=True, exist_ok=True)
-        markdown_out.write_text(text)
-    out.print(text, highlight=False)
+        atomic_write_text(markdown_out, text)
+    if as_json:
+        print(json.dumps(result, indent=1, sort_keys=True, ensure_ascii=False, default=str))
+    else:
+        out.print(text, highlight=False)

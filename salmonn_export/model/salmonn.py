@@ -19,7 +19,7 @@ from torch import nn
 from salmonn_export.audio import load_audio
 from salmonn_export.errors import SalmonnError
 from salmonn_export.model.beats import load_beats
-from salmonn_export.model.config import SalmonnConfig, load_config
+from salmonn_export.model.config import SalmonnConfig, check_generate, load_config
 from salmonn_export.model.llm import (
     BNB_SUFFIXES,
     apply_lora,
@@ -242,6 +242,9 @@ class SALMONN(nn.Module):
         return embeds, atts
 
     def generation_kwargs(self, **overrides) -> dict:
+        """transformers `generate` kwargs: the config's `generate:` values with non-None overrides
+        applied (range-checked like the config: SalmonnError)."""
+        check_generate(overrides, overrides=True)
         g = self.config.generate
         kwargs = dict(
             max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample, min_length=g.min_length,

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from salmonn_export.audio import load_audio
-from salmonn_export.errors import SalmonnError
 from salmonn_export.bundle import read_manifest
+from salmonn_export.errors import SalmonnError
+from salmonn_export.model.config import check_generate
 from salmonn_export.runtime.features import beats_inputs, whisper_log_mel
 from salmonn_export.runtime.generation import GenerationSettings, generate
 from salmonn_export.runtime.kv_cache import KVCache, prefill
@@ -206,6 +207,8 @@ class Engine:
         return past.reorder(indices)
 
     def generation_settings(self, **overrides) -> GenerationSettings:
+        """The bundle's generation settings with non-None overrides applied (range-checked: SalmonnError)."""
+        check_generate(overrides, overrides=True)
         g = self.manifest["generation"]
         values = dict(max_new_tokens=g["max_new_tokens"], num_beams=g["num_beams"], eos_token_ids=g["eos_token_id"],
                       pad_token_id=g["pad_token_id"], min_length=g["min_length"],

@@ -179,19 +179,21 @@ def create_app(settings: ServeSettings, engine=None):
 
     @asynccontextmanager
     async def lifespan(_app):
+        eng = engine or Engine(settings.engine, device=settings.device)  # a bad bundle fails before anything is made
         private = Path(tempfile.mkdtemp(prefix="salmonn-serve-"))
-        os.chmod(private, 0o700)
         state["tmp"], state["old_tempdir"] = private, tempfile.tempdir
-        tempfile.tempdir = str(private)  # where Starlette spools large uploads
-        eng = engine or Engine(settings.engine, device=settings.device)
-        state["engine"] = eng
-        state["metrics"] = Metrics()
-        state["batcher"] = Batcher(eng, settings, state["metrics"])
-        state["batcher"].start()
         try:
-            yield
+            os.chmod(private, 0o700)
+            tempfile.tempdir = str(private)  # where Starlette spools large uploads
+            state["engine"] = eng
+            state["metrics"] = Metrics()
+            state["batcher"] = Batcher(eng, settings, state["metrics"])
+            state["batcher"].start()
+            try:
+                yield
+            finally:
+                await state["batcher"].stop()
         finally:
-            await state["batcher"].stop()
             tempfile.tempdir = state["old_tempdir"]
             shutil.rmtree(private, ignore_errors=True)
 
