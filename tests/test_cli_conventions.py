@@ -120,6 +120,17 @@ def test_sampling_needs_a_positive_temperature(tiny_dir):
     assert parse_config(yaml.safe_load(config.read_text()), config).generate.temperature == 0.0
 
 
+@pytest.mark.parametrize("field, value, needle", [("max_new_tokens", 0, "`generation.max_new_tokens` must be >= 1"),
+                                                 ("num_beams", None, "`generation.num_beams` must be an integer"),
+                                                 ("end_sym", "", "`generation.end_sym` must be a non-empty string")])
+def test_a_hand_edited_bundle_manifest_is_range_checked_at_load(capsys, tmp_path, audio_dir, field, value, needle):
+    generation = {"max_new_tokens": 8, "num_beams": 1, "min_length": 1, "repetition_penalty": 1.0,
+                  "length_penalty": 1.0, "end_sym": "<|end_of_text|>", field: value}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "files": {}, "generation": generation}))
+    code, _, err = cli(capsys, "run", "--engine", tmp_path, audio_dir / "tone_2s.wav")
+    assert_one_line_error(code, err, str(tmp_path / "manifest.json"), needle)
+
+
 def test_library_overrides_are_range_checked_too(tiny_model):
     for bad, needle in [({"max_new_tokens": 0}, "`max_new_tokens` must be >= 1, got 0"),
                         ({"num_beams": -1}, "`num_beams` must be >= 1"), ({"top_p": 2.0}, "`top_p` must be between")]:

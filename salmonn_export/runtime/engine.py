@@ -93,6 +93,8 @@ class Engine:
 
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle, verify_hashes=verify_hashes)
+        if isinstance(self.manifest.get("generation"), dict):  # manifest.json is not hashed: hand edits happen
+            check_generate(self.manifest["generation"], self.bundle / "manifest.json", prefix="generation.")
         try:
             self._load(ort, device, threads)
         except KeyError as exc:
