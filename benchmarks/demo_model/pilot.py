@@ -109,17 +109,23 @@ def write_markdown(results: list[dict]) -> None:
              "| pilot | LLM | LLM params | window × queries | batch | steps | step CPU s | step wall s | loss first→last 10 "
              "| start → end: train / held-out sentences / held-out voices | greedy WER sent. / voices | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
+    for r in results:  # hand-recorded partial runs (stopped early) lack some fields: shown as "-"
         first, last = r["curve"][0], r["curve"][-1]
         keys = [k for k in first if k.endswith(("_tf_acc", "_ctc_wer"))]
         metric = "tf acc" if keys and keys[0].endswith("_tf_acc") else "CTC WER"
+        losses = r.get("loss_by_10_steps") or []
+        loss = (f"{r['loss_first10']} → {r['loss_last10']}" if "loss_first10" in r
+                else f"{losses[0]} → {losses[-1]}" if losses else "-")
+        greedy = r.get("greedy_wer") or {}
+        name = r["pilot"] + (f" (scale {r['ctc_scale']:g})" if r.get("ctc_scale") else "") + (
+            " partial" if r.get("partial") else "")
         lines.append(
-            f"| {r['pilot']} | {r['llm']} | {r['llm_params'] / 1e6:.1f} M | {r['window_frames']} × {r['queries']} "
-            f"| {r['batch']} | {r['steps']} | {r['step_cpu_s_median']} | {r['step_wall_s_median']} "
-            f"| {r['loss_first10']} → {r['loss_last10']} | {metric}: "
+            f"| {name} | {r['llm']} | {r['llm_params'] / 1e6:.1f} M | {r['window_frames']} × {r['queries']} "
+            f"| {r['batch']} | {r['steps']} | {r.get('step_cpu_s_median', r.get('step_cpu_s_mean', '-'))} "
+            f"| {r.get('step_wall_s_median', '-')} | {loss} | {metric}: "
             + " / ".join(str(first[k]) for k in keys) + " → " + " / ".join(str(last[k]) for k in keys)
-            + f" | {r['greedy_wer'].get('heldout_sentences')} / {r['greedy_wer'].get('heldout_voices')} "
-            f"| {r['load_average_1min']} |")
+            + f" (step {last['step']}) | {greedy.get('heldout_sentences', '-')} / {greedy.get('heldout_voices', '-')} "
+            f"| {r.get('load_average_1min', '-')} |")
     (RESULTS.with_suffix(".md")).write_text("\n".join(lines) + "\n")
 
 
@@ -132,6 +138,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8, help="Q-Former window in Whisper frames (50 per second)")
     ap.add_argument("--queries", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ctc-scale", type=float, default=4.0, help="initial CTC logit scale (ctc mode)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--n-eval", type=int, default=32)
@@ -146,7 +153,7 @@ def main() -> None:
     feats = stage2.Features(args.work)
     llm, end_sym = LLMS[args.llm]
     model = stage2.Trainee(llm, feats.whisper_width, feats.beats_width, window=args.window, queries=args.queries,
-                           end_sym=end_sym, ctc_weight=1.0 if args.mode == "ctc" else 0.0)
+                           end_sym=end_sym, ctc_weight=1.0 if args.mode == "ctc" else 0.0, ctc_scale=args.ctc_scale)
     if args.mode == "ctc":
         for n, p in model.named_parameters():
             if ".lora_" in n:
@@ -208,7 +215,7 @@ def main() -> None:
     result = {
         "pilot": args.mode, "llm": args.llm, "llm_params": sum(p.numel() for n, p in model.lm.named_parameters()
                                                                             if ".lora_" not in n),
-        "window_frames": args.window, "queries": args.queries,
+        "window_frames": args.window, "queries": args.queries, "ctc_scale": args.ctc_scale if args.mode == "ctc" else None,
         "speech_tokens": (1500 - args.window) // args.window * args.queries + args.queries,
         "batch": args.batch, "steps": args.steps, "lr": args.lr, "threads": args.threads,
         "train_clips": len(train), "train_words_per_clip": round(float(np.mean(words)), 1),

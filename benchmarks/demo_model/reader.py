@@ -30,6 +30,11 @@ import numpy as np
 import stage2
 import torch
 
+# Initial CTC logit scale (stage2.Trainee.ctc_loss). Pilots (demo_pilots.json, batch 8, 70 steps):
+# scale 4 went 10.4 → 8.1 nats (about ln(4,000), chance level), scale 16 stayed at 13-20: 4 it is.
+# Neither shows the adapter learning yet in 70 steps: check this stage's loss first (README).
+CTC_SCALE = 4.0
+
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -76,7 +81,7 @@ def _split(feats: stage2.Features, seed: int) -> tuple[list[int], list[int]]:
 def make_trainee(work: Path, llm: Path, end_sym: str, window: int, queries: int, feats: stage2.Features
                  ) -> stage2.Trainee:
     return stage2.Trainee(llm, feats.whisper_width, feats.beats_width, ctc_weight=1.0, window=window,
-                          queries=queries, end_sym=end_sym)
+                          queries=queries, end_sym=end_sym, ctc_scale=CTC_SCALE)
 
 
 def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: int, window: int, queries: int,

@@ -89,7 +89,8 @@ class Trainee(nn.Module):
     (`num_speech_query_token`) must be the values the shipped config states (ship.py writes them)."""
 
     def __init__(self, llm: Path, whisper_width: int, beats_width: int, ctc_weight: float = 0.0,
-                 window: int = WINDOW, stride: int | None = None, queries: int = 1, end_sym: str = END):
+                 window: int = WINDOW, stride: int | None = None, queries: int = 1, end_sym: str = END,
+                 ctc_scale: float = 4.0):
         super().__init__()
         self.end_sym = end_sym
         self.ctc_weight = ctc_weight
@@ -111,7 +112,9 @@ class Trainee(nn.Module):
             self.speech_llama_proj.bias.zero_()
         self.lm = self.llama_model.base_model.model
         if ctc_weight:  # training-only parameters of the auxiliary loss
-            self.ctc_log_scale = nn.Parameter(torch.tensor(math.log(4.0)))
+            # cosine logits: at scale s the best a perfectly aligned token can score over V others
+            # (cos ~0.1) is e^s / (e^s + V·e^0.1s): 1 % at s = 4 with V = 4,000, 99.8 % at s = 16
+            self.ctc_log_scale = nn.Parameter(torch.tensor(math.log(ctc_scale)))
             self.ctc_blank = nn.Parameter(torch.zeros(base.config.hidden_size))
             self.ctc_blank_bias = nn.Parameter(torch.tensor(2.0))
         prompts = builtin_test_prompts()

@@ -60,8 +60,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--aac-heldout", type=int, default=50)
     ap.add_argument("--lm-steps", type=int, default=2000)
     ap.add_argument("--drill-steps", type=int, default=1000)
-    ap.add_argument("--adapter-steps", type=int, default=3000)
-    ap.add_argument("--reader-steps", type=int, default=4000)
+    ap.add_argument("--adapter-steps", type=int, default=1500)
+    ap.add_argument("--reader-steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--llm-lr", type=float, default=1e-4, help="whole-LLM learning rate in the reader stage (0: frozen)")
     ap.add_argument("--window-frames", type=int, default=WINDOW_FRAMES,
