@@ -104,6 +104,13 @@ def _timed(cmd: list[str], log_path: Path) -> dict:
     return {"rc": proc.returncode, "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(peak / 2**30, 2)}
 
 
+def _wait_for_ram(gib: float) -> None:
+    """The machine is shared: wait until `gib` of RAM is available before a big step."""
+    while psutil.virtual_memory().available < gib * 2**30:
+        print(f"waiting for {gib} GiB free RAM ({psutil.virtual_memory().available / 2**30:.1f} now)", flush=True)
+        time.sleep(30)
+
+
 def _results_path(preset: str) -> Path:
     return RESULTS / f"{preset.replace('-', '_')}.json"
 
@@ -168,7 +175,9 @@ def main() -> None:
                     help="annotation .json (default ROOT/calib-data/annotation.json, made by demo-data)")
     ap.add_argument("--steps", nargs="+", default=["build", "verify", "bench"])
     ap.add_argument("--bench-iters", type=int, default=3)
-    ap.add_argument("--min-free-gib", type=float, default=0.0, help="wait for this much available RAM before a build")
+    ap.add_argument("--min-free-gib", type=float, default=0.0, help="wait for this much available RAM before each step")
+    ap.add_argument("--no-bench-reference", dest="bench_reference", action="store_false",
+                    help="bench the bundle alone (the fp32 PyTorch reference of a 3B needs ~16 GB beside it)")
     ap.add_argument("--verify-data", type=Path, default=None,
                     help="annotation .json for verify (default ROOT/calib-data/verify-4.json: 2 ASR + 2 AAC clips)")
     ap.add_argument("--one", nargs=3, metavar=("CONFIG", "RECIPE", "OUT"), help=argparse.SUPPRESS)
@@ -193,10 +202,7 @@ def main() -> None:
         bundle = root / f"{args.preset}-{recipe}"
         if "build" in args.steps and data["steps"].get(f"build {recipe}", {"error": "not run"}).get("error"):
             fragment = root / f".{args.preset}-{recipe}.build.json"
-            while psutil.virtual_memory().available < args.min_free_gib * 2**30:  # the machine is shared
-                print(f"waiting for {args.min_free_gib} GiB free RAM "
-                      f"({psutil.virtual_memory().available / 2**30:.1f} now)", flush=True)
-                time.sleep(30)
+            _wait_for_ram(args.min_free_gib)
             print(f"build {args.preset} {recipe} (free {psutil.virtual_memory().available / 2**30:.1f} GiB)", flush=True)
             rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib),
                                  "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
@@ -212,6 +218,7 @@ def main() -> None:
                 entries = json.loads(calib.read_text())["annotation"]
                 pick = [e for e in entries if e["task"] == "asr"][:2] + [e for e in entries if e["task"] != "asr"][:2]
                 verify_data.write_text(json.dumps({"annotation": pick}, indent=1))
+            _wait_for_ram(args.min_free_gib)
             rec = _timed([*CLI, "verify", str(bundle), "--model", str(config), "--data", str(verify_data),
                           "--report", str(report)], log_path)
             rec["summary"] = json.loads(report.read_text()) if report.is_file() else None
@@ -219,9 +226,10 @@ def main() -> None:
             _save(args.preset, data)
         if "bench" in args.steps and f"bench {recipe}" not in data["steps"]:
             out = root / f"{args.preset}-{recipe}.bench.json"
+            _wait_for_ram(args.min_free_gib)
             rec = _timed([*CLI, "bench", str(bundle), "--model", str(config), "--warmup", "1",
                           "--iters", str(args.bench_iters), "--stage-iters", "1", "--no-generation",
-                          "--out", str(out)], log_path)
+                          *([] if args.bench_reference else ["--no-reference"]), "--out", str(out)], log_path)
             rec["summary"] = json.loads(out.read_text()) if out.is_file() else None
             data["steps"][f"bench {recipe}"] = rec
             _save(args.preset, data)
