@@ -35,9 +35,9 @@ class GenerationSettings:
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    m = x.max(-1, keepdims=True)
-    return (x - m) - np.log(np.exp(x - m).sum(-1, keepdims=True))
+    x = x.astype(np.float32, copy=False)
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -57,16 +57,27 @@ def _process(scores: np.ndarray, generated: np.ndarray, s: GenerationSettings, m
     return scores
 
 
-def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices [R, k] of each row's k largest scores, ties in index order — the first k of a
-    stable descending argsort, found by partition (O(n)) instead of a full sort."""
-    if k >= scores.shape[1]:
+def _top_k_stable(scores: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
+    """Indices [R, k] of each row's k largest scores, ties in index order — exactly the first k
+    of a stable descending argsort, without sorting the row: the row's chunk maxima (one reduce)
+    pick the chunks that can hold a top-k element (any chunk whose maximum reaches the k-th
+    largest maximum; the k-th largest score is at least that), and only those are sorted."""
+    R, n = scores.shape
+    if k >= n or n <= 4 * chunk:
         return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    full = n // chunk * chunk
+    out = np.empty((R, k), dtype=np.int64)
     for r, row in enumerate(scores):
-        kth = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
-        cand = np.flatnonzero(row >= kth)  # ascending index order; ties at kth all included
-        out[r] = cand[np.argsort(-row[cand], kind="stable")[:k]]
+        maxima = row[:full].reshape(-1, chunk).max(axis=1)
+        if full < n:
+            maxima = np.append(maxima, row[full:].max())
+        kk = min(k, maxima.size)
+        kth = np.partition(maxima, maxima.size - kk)[maxima.size - kk]
+        chunks = np.flatnonzero(maxima >= kth)
+        idx = (chunks[:, None] * chunk + np.arange(chunk)).ravel()
+        idx = idx[idx < n]
+        vals = row[idx]
+        out[r] = idx[np.lexsort((idx, -vals))[:k]]
     return out
 
 
@@ -86,7 +97,7 @@ def _greedy(embeds, mask, s: GenerationSettings, step, embed, min_length) -> np.
     logits, past = step(embeds, mask, positions_from_mask(mask), None)
     eos = np.array(s.eos_token_ids)
     while True:
-        scores = _process(logits[:, -1, :].astype(np.float32).copy(), generated, s, min_length)
+        scores = _process(np.array(logits[:, -1, :], dtype=np.float32), generated, s, min_length)
         tokens = scores.argmax(-1)
         tokens = np.where(unfinished, tokens, s.pad_token_id)
         generated = np.concatenate([generated, tokens[:, None]], axis=1)
