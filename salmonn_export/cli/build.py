@@ -63,22 +63,32 @@ def build(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines for the encoders and Q-Former.")] = False,
     seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX), help="Seed for calibration order and dummy inputs.")] = 0,
+    target: Annotated[str, typer.Option(help="onnx (ONNX graphs for onnxruntime/TensorRT) or torch (safetensors for "
+                                             "the PyTorch engine: CUDA graphs + int4 kernels; no onnx needed).")] = "onnx",
     as_json: JsonOpt = False,
 ):
     """Build an engine bundle: merge LoRA, quantize the LLM, export every component to ONNX, validate.
+
+    With --target torch: the same LoRA merge and quantization (the same int4 codes), written as
+    safetensors for the PyTorch engine (`run --engine B --device cuda`).
 
     Example: salmonn-export build --recipe w4a16 --model path/to/config.yaml --out engines/mine-w4a16
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from salmonn_export.export.build import BuildOptions, StageLog, build_bundle
+    from salmonn_export.errors import SalmonnError
+    from salmonn_export.export.stages import StageLog
     from salmonn_export.recipes import load_recipe
 
+    if target not in ("onnx", "torch"):
+        raise SalmonnError(f"unknown --target `{target}`; choose onnx or torch")
+    if target == "torch" and trt:
+        raise SalmonnError("--trt builds TensorRT engines from ONNX graphs; --target torch has none")
     rec = load_recipe(recipe)
     config = model_config(model)
     if out_dir is None:
         stem = "demo" if model is None else config.resolve().parent.name
-        out_dir = Path("engines") / f"{stem}-{rec.name}"
+        out_dir = Path("engines") / f"{stem}-{rec.name}{'-torch' if target == 'torch' else ''}"
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:
         current = {"task": None}
@@ -92,8 +102,16 @@ def build(
             progress.update(current["task"], completed=done, total=total)
 
         log = StageLog(on_stage=on_stage, on_progress=on_progress)
-        report = build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
-                                                        force=force, trt=trt, seed=seed), log)
+        if target == "torch":
+            from salmonn_export.export.torch_bundle import TorchBuildOptions, build_torch_bundle
+
+            report = build_torch_bundle(config, rec, TorchBuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
+                                                                       force=force, seed=seed), log)
+        else:
+            from salmonn_export.export.build import BuildOptions, build_bundle
+
+            report = build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
+                                                            force=force, trt=trt, seed=seed), log)
         if current["task"] is not None:
             progress.update(current["task"], completed=1, total=1)
     if as_json:
@@ -101,6 +119,10 @@ def build(
         return
     out.print(f"built [bold]{report['bundle']}[/] in {report['total_seconds']:.1f} s, "
               f"{report['bundle_bytes'] / 1e6:.2f} MB")
+    if target == "torch":
+        for name, size in report["sizes"].items():
+            out.print(f"  {name:16s} {size / 1e6:8.2f} MB")
+        return
     for name, v in report["validation"].items():
         out.print(f"  {name:16s} {report['sizes'][name] / 1e6:8.2f} MB  max rel err {v['max_rel']:.2e}  cosine {v['cosine']:.8f}")
     if report["quantization_eval"]:

@@ -46,14 +46,24 @@ def run(
     Each `file<TAB>text` line is printed as soon as its batch finishes; --json prints one JSON
     document (settings, timings, results in order) when all files are done.
 
+    A `build --target torch` bundle runs on the PyTorch engine instead (its manifest says so), on
+    --device cpu or cuda.
+
     Example: salmonn-export run --engine engines/demo-w4a16 --task asr speech.wav
     """
-    from salmonn_export.runtime.engine import Engine
+    from salmonn_export.torch_engine import bundle_target
 
     bundle = engine_path(engine)
     audio = audio_or_demo(audio, task, engine is not None, "engine")
     t0 = time.perf_counter()
-    eng = Engine(bundle, device=device)
+    if bundle_target(bundle) == "torch":
+        from salmonn_export.torch_engine.engine import TorchEngine
+
+        eng = TorchEngine(bundle, device=device, compile_decode=device.startswith("cuda"))
+    else:
+        from salmonn_export.runtime.engine import Engine
+
+        eng = Engine(bundle, device=device)
     load_s = time.perf_counter() - t0
 
     def transcribe(batch: list[Path]) -> list[str]:
