@@ -31,10 +31,12 @@ step() {
 
 step 20 inventory inventory
 step 20 bandwidth bandwidth
+# the issue's targets first (small: reference + int4 engine; challenge-1b), variants after
+small=0
 if step 60 prepare-small prepare small; then
-  for system in reference torch:fp32 torch:w4a16-rtn torch:w4a16-rtn+enc; do
-    step 60 "small-$system" system small "$system"
-  done
+  small=1
+  step 60 "small-reference" system small reference
+  step 60 "small-torch:w4a16-rtn" system small torch:w4a16-rtn
 fi
 if "$PY" -c "from salmonn_export.model.tiny import PRESETS; assert 'challenge-1b' in PRESETS" 2>/dev/null; then
   if step 200 prepare-challenge-1b prepare challenge-1b; then
@@ -43,6 +45,10 @@ if "$PY" -c "from salmonn_export.model.tiny import PRESETS; assert 'challenge-1b
   fi
 else
   echo "challenge-1b: preset not in this tree" | tee -a "$OUT/skipped.txt"
+fi
+if (( small )); then
+  step 60 "small-torch:fp32" system small torch:fp32
+  step 60 "small-torch:w4a16-rtn+enc" system small torch:w4a16-rtn+enc
 fi
 step 60 tensorrt tensorrt small
 timeout 60 "$PY" benchmarks/gpu/torch_engine_gpu.py summary || echo "summary failed" | tee -a "$OUT/errors.txt"
