@@ -17,7 +17,7 @@ import numpy as np
 from salmonn_export.audio import load_audio
 from salmonn_export.bundle import read_manifest
 from salmonn_export.errors import SalmonnError
-from salmonn_export.model.config import check_generate
+from salmonn_export.generation_rules import check_generate
 from salmonn_export.runtime.features import beats_inputs, whisper_log_mel
 from salmonn_export.runtime.generation import GenerationSettings, generate
 from salmonn_export.runtime.kv_cache import KVCache, prefill
