@@ -304,6 +304,20 @@ def _sigterm_when(cmd: list, ready, timeout: float = 240) -> subprocess.Complete
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def test_sigterm_before_a_command_starts_is_still_exit_143(capsys, monkeypatch):
+    import salmonn_export.cli.common as common
+
+    def stopped_by_a_scheduler():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler raises here
+
+    monkeypatch.setattr(common, "_quiet_libraries", stopped_by_a_scheduler)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = cli(capsys, "recipes")
+    assert code == 143 and err.strip() == "terminated"
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's handler is removed again
+
+
 def test_sigterm_during_build_cleans_up_like_ctrl_c(tmp_path, tiny_dir, audio_dir):
     out = tmp_path / "bundle"
     building = lambda: any(p.name.startswith(".bundle.building-") for p in tmp_path.iterdir())  # noqa: E731

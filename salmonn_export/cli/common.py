@@ -34,7 +34,11 @@ def _usage_error_types() -> tuple[type[Exception], type[Exception]]:
     return ClickException, NoArgsIsHelpError
 
 
+_SIGTERM_SEEN: list[bool] = []
+
+
 def _raise_terminated(signum, frame) -> None:
+    _SIGTERM_SEEN.append(True)
     raise Terminated()
 
 
@@ -47,6 +51,7 @@ class SalmonnTyper(typer.Typer):
     def __call__(self, *args, **kwargs):
         click_exception, no_args_is_help = _usage_error_types()
         main_thread = threading.current_thread() is threading.main_thread()
+        _SIGTERM_SEEN.clear()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
             code = super().__call__(*args, standalone_mode=False, **kwargs)
@@ -64,6 +69,9 @@ class SalmonnTyper(typer.Typer):
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
+        if code == 130 and _SIGTERM_SEEN:  # stopped before a command's handle_errors (typer made it Exit(130))
+            err.print("terminated")
+            code = 143
         sys.exit(code if isinstance(code, int) else 0)
 
 
