@@ -148,9 +148,9 @@ class Batcher:
         original_step = eng.decoder_step
         group_start = {"flag": True}
 
-        def timed_step(*args):
+        def timed_step(*args, **kwargs):
             t = time.perf_counter()
-            result = original_step(*args)
+            result = original_step(*args, **kwargs)
             calls.append((group_start["flag"], t, time.perf_counter()))
             group_start["flag"] = False
             return result
