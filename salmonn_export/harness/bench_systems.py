@@ -7,6 +7,7 @@ once outside the timers; the BEATs fbank is inside (it is part of `extract_featu
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,16 @@ def engine_system(bundle: str | Path, wave: np.ndarray, name: str | None = None,
     total, decoder = _file_bytes(Path(bundle), eng.manifest)
     kv = 2 * llm["layers"] * llm["kv_heads"] * llm["head_dim"] * 4
 
+    def per_token(num_beams: int, short: int = 4, long: int = 24) -> float:
+        """Seconds per generated token: forced-length generations of `long` and `short` tokens
+        (EOS blocked by min_length) from the same prompt, differenced so the prefill cancels."""
+        def run(n):
+            t0 = time.perf_counter()
+            eng.generate_ids(embeds, mask, num_beams=num_beams, max_new_tokens=n, min_length=10**9)
+            return time.perf_counter() - t0
+
+        return (run(long) - run(short)) / (long - short)
+
     def generate(waves, num_beams, max_new_tokens):
         speech = eng.encode_speech(waves)
         embeds, mask = eng.prompt_wrap(speech, ["asr"] * len(waves))
@@ -63,7 +74,7 @@ def engine_system(bundle: str | Path, wave: np.ndarray, name: str | None = None,
 
     sizes = {k: v / 1e6 for k, v in eng.manifest.get("sizes", {}).items()}
     return System(name or f"engine:{eng.manifest['recipe']['name']}", ttft, tpot, stages, total, decoder, kv,
-                  generate, lambda clip: eng.transcribe([clip], "asr")[0], sizes)
+                  generate, lambda clip: eng.transcribe([clip], "asr")[0], sizes, per_token)
 
 
 def _count_tokens(ids, pad: int) -> int:
