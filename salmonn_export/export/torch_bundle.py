@@ -119,7 +119,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchB
     torch.manual_seed(options.seed)
     with log.stage("load reference"):
         cfg = load_config(config_path)
-        salmonn = SALMONN(cfg)
+        salmonn = SALMONN(cfg, low_memory=True)  # as the ONNX build: fp16-stored LLM layers computed in fp32
     with log.stage("write encoders"):  # before the merge: afterwards the SALMONN's LLM is the merged one
         encoders = {k: (v.float() if v.is_floating_point() else v).detach().contiguous().clone()
                     for k, v in salmonn.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
