@@ -269,3 +269,15 @@ def test_static_cache_llama_equals_transformers_with_llama3_rope_gqa_and_tied_em
             expected = hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
             got = ours.decode(ours.embed(ids), pos, torch.tensor([mask.shape[1] - 1]))
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_is_one_graph_and_gives_the_same_tokens(tiny_dir, tmp_path, waves):
+    """The decode step CUDA graphs capture on a GPU compiles whole (fullgraph) here with inductor on
+    CPU, through the beam search's cache expansion, and changes no token (~2.5 min of compile)."""
+    bundle = _torch_build(tiny_dir / "config.yaml", load_recipe("w4a16-rtn"), tmp_path / "b")
+    eager, compiled = TorchEngine(bundle), TorchEngine(bundle, compile_decode=True)
+    for beams in (1, 4):
+        a = eager.run_waves(waves, ["asr", "aac"], num_beams=beams, max_new_tokens=12)
+        b = compiled.run_waves(waves, ["asr", "aac"], num_beams=beams, max_new_tokens=12)
+        assert a.token_ids == b.token_ids
