@@ -75,15 +75,6 @@ def greedy(model: stage2.Trainee, feats: stage2.Features, index: list[int], max_
     return out
 
 
-def ctc_logits(model: stage2.Trainee, speech: torch.Tensor) -> torch.Tensor:
-    """The CTC head of `Trainee.ctc_loss`: cosine to the LLM's input embeddings, learned blank."""
-    table = torch.nn.functional.normalize(model.lm.get_input_embeddings().weight.detach().float(), dim=-1)
-    logits = model.ctc_log_scale.exp() * speech.float() @ table.T
-    blank = model.tokenizer.pad_token_id
-    is_blank = torch.arange(logits.shape[-1]) == blank
-    return torch.where(is_blank, (speech.float() @ model.ctc_blank + model.ctc_blank_bias).unsqueeze(-1), logits)
-
-
 def ctc_greedy(model: stage2.Trainee, feats: stage2.Features, index: list[int]) -> list[dict]:
     """Best-path CTC transcripts (collapse repeats, drop blanks) of the speech tokens alone."""
     from salmonn_export.harness.metrics import compute_wer
@@ -93,7 +84,7 @@ def ctc_greedy(model: stage2.Trainee, feats: stage2.Features, index: list[int]) 
     with torch.no_grad():
         for i in index:
             w, b, _, texts = feats.batch([i])
-            best = ctc_logits(model, model.speech(w, b))[0].argmax(-1).tolist()
+            best = model.ctc_logits(model.speech(w, b).float())[0].argmax(-1).tolist()
             ids = [t for k, t in enumerate(best) if t != model.tokenizer.pad_token_id and (k == 0 or t != best[k - 1])]
             hyp = model.tokenizer.decode(ids)
             out.append({"ref": texts[0], "hyp": hyp, "wer": compute_wer([hyp], [texts[0]])["wer"]})
@@ -139,6 +130,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ctc-scale", type=float, default=4.0, help="initial CTC logit scale (ctc mode)")
+    ap.add_argument("--ctc-head", choices=["cosine", "linear"], default="cosine")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--n-eval", type=int, default=32)
@@ -153,7 +145,8 @@ def main() -> None:
     feats = stage2.Features(args.work)
     llm, end_sym = LLMS[args.llm]
     model = stage2.Trainee(llm, feats.whisper_width, feats.beats_width, window=args.window, queries=args.queries,
-                           end_sym=end_sym, ctc_weight=1.0 if args.mode == "ctc" else 0.0, ctc_scale=args.ctc_scale)
+                           end_sym=end_sym, ctc_weight=1.0 if args.mode == "ctc" else 0.0, ctc_scale=args.ctc_scale,
+                           ctc_head=args.ctc_head)
     if args.mode == "ctc":
         for n, p in model.named_parameters():
             if ".lora_" in n:
@@ -216,6 +209,7 @@ def main() -> None:
         "pilot": args.mode, "llm": args.llm, "llm_params": sum(p.numel() for n, p in model.lm.named_parameters()
                                                                             if ".lora_" not in n),
         "window_frames": args.window, "queries": args.queries, "ctc_scale": args.ctc_scale if args.mode == "ctc" else None,
+        "ctc_head": args.ctc_head if args.mode == "ctc" else None,
         "speech_tokens": (1500 - args.window) // args.window * args.queries + args.queries,
         "batch": args.batch, "steps": args.steps, "lr": args.lr, "threads": args.threads,
         "train_clips": len(train), "train_words_per_clip": round(float(np.mean(words)), 1),

@@ -78,18 +78,18 @@ def _split(feats: stage2.Features, seed: int) -> tuple[list[int], list[int]]:
     return sorted(set(train) - set(valid) - leaks), valid
 
 
-def make_trainee(work: Path, llm: Path, end_sym: str, window: int, queries: int, feats: stage2.Features
-                 ) -> stage2.Trainee:
+def make_trainee(work: Path, llm: Path, end_sym: str, window: int, queries: int, feats: stage2.Features,
+                 ctc_head: str = "cosine") -> stage2.Trainee:
     return stage2.Trainee(llm, feats.whisper_width, feats.beats_width, ctc_weight=1.0, window=window,
-                          queries=queries, end_sym=end_sym, ctc_scale=CTC_SCALE)
+                          queries=queries, end_sym=end_sym, ctc_scale=CTC_SCALE, ctc_head=ctc_head)
 
 
 def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: int, window: int, queries: int,
-                      seed: int, log, lr: float = 3e-3, checkpoint_every: int = 200) -> dict:
+                      seed: int, log, lr: float = 3e-3, checkpoint_every: int = 200, ctc_head: str = "cosine") -> dict:
     """CTC pre-training of the adapter; writes work/adapter.pt (trainable tensors incl. the CTC head)."""
     torch.manual_seed(seed)
     feats = stage2.Features(work)
-    model = make_trainee(work, llm, end_sym, window, queries, feats)
+    model = make_trainee(work, llm, end_sym, window, queries, feats, ctc_head)
     for n, p in model.named_parameters():
         if ".lora_" in n:
             p.requires_grad_(False)
@@ -127,12 +127,12 @@ def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: in
 
 def train_reader(work: Path, llm: Path, end_sym: str, steps: int, batch: int, window: int, queries: int, seed: int,
                  log, lr: float = 5e-4, llm_lr: float = 0.0, ctc_weight: float = 0.0, eval_every: int = 500,
-                 checkpoint_every: int = 100) -> dict:
+                 checkpoint_every: int = 100, ctc_head: str = "cosine") -> dict:
     """SALMONN loss from the CTC-trained adapter; writes checkpoint_best.pth and factors_best.pt (as
     stage2.train_salmonn) by validation token accuracy, checked every `eval_every` steps."""
     torch.manual_seed(seed)
     feats = stage2.Features(work)
-    model = make_trainee(work, llm, end_sym, window, queries, feats)
+    model = make_trainee(work, llm, end_sym, window, queries, feats, ctc_head)
     model.ctc_weight = ctc_weight
     adapter = torch.load(work / "adapter.pt", weights_only=True)
     with torch.no_grad():

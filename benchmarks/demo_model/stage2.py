@@ -90,7 +90,7 @@ class Trainee(nn.Module):
 
     def __init__(self, llm: Path, whisper_width: int, beats_width: int, ctc_weight: float = 0.0,
                  window: int = WINDOW, stride: int | None = None, queries: int = 1, end_sym: str = END,
-                 ctc_scale: float = 4.0):
+                 ctc_scale: float = 4.0, ctc_head: str = "cosine"):
         super().__init__()
         self.end_sym = end_sym
         self.ctc_weight = ctc_weight
@@ -117,6 +117,14 @@ class Trainee(nn.Module):
             self.ctc_log_scale = nn.Parameter(torch.tensor(math.log(ctc_scale)))
             self.ctc_blank = nn.Parameter(torch.zeros(base.config.hidden_size))
             self.ctc_blank_bias = nn.Parameter(torch.tensor(2.0))
+            self.ctc_linear = None
+            if ctc_head == "linear":  # free classifier, starting as the cosine head
+                table = F.normalize(base.get_input_embeddings().weight.detach().float(), dim=-1)
+                self.ctc_linear = nn.Linear(table.shape[1], table.shape[0])
+                with torch.no_grad():
+                    self.ctc_linear.weight.copy_(table * ctc_scale)
+                    self.ctc_linear.bias.zero_()
+                    self.ctc_linear.bias[self.tokenizer.pad_token_id].fill_(2.0)  # the blank
         prompts = builtin_test_prompts()
         self.prompt_ids = {}
         for task in ("asr", "audiocaption_v2"):
@@ -173,16 +181,23 @@ class Trainee(nn.Module):
         if not keep:
             return speech.sum() * 0.0
         tokens = speech[keep].float()
-        table = F.normalize(self.lm.get_input_embeddings().weight.detach().float(), dim=-1)
-        logits = self.ctc_log_scale.exp() * tokens @ table.T
         blank = self.tokenizer.pad_token_id
-        is_blank = torch.arange(logits.shape[-1]) == blank
-        logits = torch.where(is_blank, (tokens @ self.ctc_blank + self.ctc_blank_bias).unsqueeze(-1), logits)
-        log_probs = logits.log_softmax(-1).transpose(0, 1)
+        log_probs = self.ctc_logits(tokens).log_softmax(-1).transpose(0, 1)
         targets = [self.tokenizer(texts[i], add_special_tokens=False).input_ids[: tokens.shape[1]] for i in keep]
         flat = torch.tensor([t for target in targets for t in target])
         return F.ctc_loss(log_probs, flat, [tokens.shape[1]] * len(keep), [len(t) for t in targets],
                           blank=blank, zero_infinity=True)
+
+    def ctc_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T, hidden] fp32 speech tokens → [B, T, vocab] CTC logits, blank = the [PAD] id: the
+        cosine head (scaled cosine to the LLM's input embeddings, learned blank direction and bias)
+        or, with ctc_head="linear", a free linear classifier that starts as that head."""
+        if self.ctc_linear is not None:
+            return self.ctc_linear(tokens)
+        table = F.normalize(self.lm.get_input_embeddings().weight.detach().float(), dim=-1)
+        logits = self.ctc_log_scale.exp() * tokens @ table.T
+        is_blank = torch.arange(logits.shape[-1]) == self.tokenizer.pad_token_id
+        return torch.where(is_blank, (tokens @ self.ctc_blank + self.ctc_blank_bias).unsqueeze(-1), logits)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The challenge `.pth` `model` dict (full products for the Q-Former, position_ids kept)."""

@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--reader-steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--llm-lr", type=float, default=1e-4, help="whole-LLM learning rate in the reader stage (0: frozen)")
+    ap.add_argument("--ctc-head", choices=["cosine", "linear"], default="cosine",
+                    help="adapter stage's training-only CTC head (stage2.Trainee.ctc_logits)")
     ap.add_argument("--window-frames", type=int, default=WINDOW_FRAMES,
                     help="Q-Former window (= stride) in Whisper frames, 50 per second; one query per window")
     return ap.parse_args()
@@ -171,9 +173,10 @@ def main() -> None:
     import reader
 
     run("adapter", lambda: reader.train_adapter_ctc(work, work / "llm", END_SYM, args.adapter_steps, args.batch,
-                                                    args.window_frames, 1, args.seed, log))
+                                                    args.window_frames, 1, args.seed, log, ctc_head=args.ctc_head))
     run("reader", lambda: reader.train_reader(work, work / "llm", END_SYM, args.reader_steps, args.batch,
-                                              args.window_frames, 1, args.seed, log, llm_lr=args.llm_lr))
+                                              args.window_frames, 1, args.seed, log, llm_lr=args.llm_lr,
+                                              ctc_head=args.ctc_head))
     if "ship" in stages:
         import ship
 
