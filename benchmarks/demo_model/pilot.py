@@ -108,7 +108,8 @@ def write_markdown(results: list[dict]) -> None:
         loss = (f"{r['loss_first10']} → {r['loss_last10']}" if "loss_first10" in r
                 else f"{losses[0]} → {losses[-1]}" if losses else "-")
         greedy = r.get("greedy_wer") or {}
-        name = r["pilot"] + (f" (scale {r['ctc_scale']:g})" if r.get("ctc_scale") else "") + (
+        name = r["pilot"] + (f" ({r.get('ctc_head') or 'cosine'} head, scale {r['ctc_scale']:g})"
+                             if r.get("ctc_scale") else "") + (
             " partial" if r.get("partial") else "")
         lines.append(
             f"| {name} | {r['llm']} | {r['llm_params'] / 1e6:.1f} M | {r['window_frames']} × {r['queries']} "
