@@ -192,6 +192,11 @@ def main() -> None:
         subprocess.run([*CLI, "demo-data", str(calib.parent)], check=True)
     folder = root / args.preset
     data = _load(args.preset)
+    sidecar = root / f"{args.preset}.model.json"  # how the model folder was written (kept if a step rewrote the file)
+    if "model" in data:
+        sidecar.write_text(json.dumps(data["model"]))
+    elif sidecar.is_file():
+        data["model"] = json.loads(sidecar.read_text())
     log_path = root / f"{args.preset}.steps.log"
     if not (folder / "config.yaml").is_file():
         rec = _timed([*CLI, "tiny", str(folder), "--preset", args.preset], log_path)
