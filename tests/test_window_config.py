@@ -75,8 +75,6 @@ def test_exported_qformer_graph_honours_window_and_queries(fine_model, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="export/build.py writes manifest qformer.speech_tokens = 88 whatever the "
-                                       "config; fix: ((1500 - window) // stride + 1) * num_speech_query_token")
 def test_bundle_manifest_and_runtime_honour_window_and_queries(fine_window_dir, fine_model, audio_dir, tmp_path):
     from salmonn_export.audio import load_audio
     from salmonn_export.export.build import BuildOptions, build_bundle

@@ -255,7 +255,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
                       "num_mel_bins": 128, "frame_length_ms": 25, "frame_shift_ms": 10, "scale": 2**15,
                       "fbank_mean": 15.41663, "fbank_std": 6.55582, "patch": salmonn.beats.cfg.input_patch_size,
                       "mel_banks": "beats_mel_banks.npy", "window": "beats_window.npy"}},
-        "qformer": {"window": salmonn.window, "stride": salmonn.stride, "speech_tokens": 88},
+        "qformer": {"window": salmonn.window, "stride": salmonn.stride, "speech_tokens": salmonn.speech_tokens},
         "embed_tokens": "embed_tokens.npy",
         "quantization": None if quant is None else {
             "method": weights.method, "bits": weights.bits, "group_size": weights.group_size,

@@ -168,7 +168,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchB
                        "eos_token_id": eos if isinstance(eos, list) else [eos]},
         "prompts": {"template": cfg.model.prompt_template, "test_prompts": salmonn.test_prompts,
                     "placeholder": "<SpeechHere>"},
-        "qformer": {"window": salmonn.window, "stride": salmonn.stride, "speech_tokens": 88},
+        "qformer": {"window": salmonn.window, "stride": salmonn.stride, "speech_tokens": salmonn.speech_tokens},
         "quantization": None if quant is None else {
             "method": weights.method, "bits": weights.bits, "group_size": weights.group_size,
             "act_order": weights.act_order, "symmetric": weights.symmetric, "damp": weights.damp,

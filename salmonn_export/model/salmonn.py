@@ -30,7 +30,7 @@ from salmonn_export.model.llm import (
     resize_with_mean_rows,
 )
 from salmonn_export.model.prompts import SPEECH_PLACEHOLDER, builtin_test_prompts, load_prompt_file
-from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer, qformer_windows, window_size
+from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer, num_windows, qformer_windows, window_size
 from salmonn_export.model.weights import torch_load
 from salmonn_export.model.whisper import load_feature_extractor, load_whisper_encoder, whisper_features
 from salmonn_export.tasks import templated_prompt
@@ -91,6 +91,11 @@ class SALMONN(nn.Module):
         self.load_report = self._load_training_checkpoint()
         self.eval()
         self.to(device)
+
+    @property
+    def speech_tokens(self) -> int:
+        """Speech embeddings per clip: windows over Whisper's 1500 frames × queries per window (88 in the challenge's config)."""
+        return num_windows(1500, self.window, self.stride) * self.speech_query_tokens.shape[1]
 
     # ------------------------------------------------------------------ loading
 
