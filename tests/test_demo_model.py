@@ -158,7 +158,7 @@ def test_w4a16_thresholds_pass_the_demo_bundle_and_fail_a_corrupted_one(demo_fol
     assert judge(good, Engine(bundle).manifest)["passed"], good["end_to_end"]
     bad = tmp_path / "corrupt"
     shutil.copytree(bundle, bad)
-    _corrupt_initializer(bad, "decoder.onnx", "/llm/model/layers.1/mlp/down_proj/MatMulNBits.scales", lambda a: -a)
+    _corrupt_initializer(bad, "decoder.onnx", "/model/layers.1/mlp/down_proj.MatMulNBits.scales", lambda a: -a)
     broken = verify(reference, Engine(bad), items)
     verdict = judge(broken, Engine(bad).manifest)
     assert not verdict["passed"], broken["end_to_end"]
