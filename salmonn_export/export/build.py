@@ -10,7 +10,7 @@ written in a temporary folder beside the target and renamed into place only when
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, sha256_fi
 from salmonn_export.dataset import DataSource, choose_data
 from salmonn_export.errors import SalmonnError
 from salmonn_export.export.decoder_graph import build_decoder_graph
+from salmonn_export.export.llm_quantization import quantize_llm
 from salmonn_export.export.onnx_export import (
     check_model,
     export_component,
@@ -35,9 +36,7 @@ from salmonn_export.files import atomic_dir
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
-from salmonn_export.transforms.calibration import build_calibration, calibration_items
 from salmonn_export.transforms.lora import merge_in_place
-from salmonn_export.transforms.quantize import quantize_model
 
 FP16_MAX_REL = 0.1  # fp16 graphs: judged mainly by cosine (outliers in large logits dominate max error)
 FP16_MIN_COSINE = 0.999
@@ -102,26 +101,6 @@ def _library_versions() -> dict[str, str]:
             "numpy": np.__version__}
 
 
-@torch.no_grad()
-def _log_probs(llm: torch.nn.Module, sequences: list[dict]) -> list[torch.Tensor]:
-    """Next-token log-probabilities [1, S, vocab] fp32 per calibration sequence (the reference for
-    `_quantization_eval`, taken before quantizing so no second copy of the LLM is needed)."""
-    return [torch.log_softmax(llm(**kwargs).logits.double(), -1).float() for kwargs in sequences]
-
-
-@torch.no_grad()
-def _quantization_eval(reference: list[torch.Tensor], quantized: torch.nn.Module, sequences: list[dict]) -> dict:
-    """Next-token KL and top-1 agreement of the quantized LLM vs the merged fp32 LLM's log-probs (all positions)."""
-    kls, agree, n = 0.0, 0, 0
-    for ref, kwargs in zip(reference, sequences):
-        lr = ref.double()
-        lq = torch.log_softmax(quantized(**kwargs).logits.double(), -1)
-        kls += float((lr.exp() * (lr - lq)).sum(-1).sum())
-        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
-        n += lr.shape[0] * lr.shape[1]
-    return {"positions": n, "mean_kl": kls / max(n, 1), "top1_agreement": agree / max(n, 1)}
-
-
 def build_bundle(config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog | None = None) -> dict:
     """Build a bundle; returns the build report (also written as build_report.json)."""
     log = log or StageLog()
@@ -145,31 +124,9 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
         salmonn = SALMONN(cfg, low_memory=True)  # fp16-stored LLM layers stay fp16 in RAM, computed in fp32
     with log.stage("merge LoRA"):
         llm, lora_error = merge_in_place(salmonn)  # no copy of the LLM (12.8 GB for a 3B in fp32)
-    quant = None
-    quant_eval = None
     weights = recipe.llm.weights
-    calib_info = None
-    if weights is not None:
-        sequences = []
-        with log.stage("calibration data"):
-            settings = recipe.calibration
-            if options.calib_samples:
-                settings = replace(settings, samples=options.calib_samples)
-            items = calibration_items(calib_data.path, calib_data.audio_root)
-            sequences = build_calibration(salmonn, items, settings)
-            calib_info = {**calib_data.record(), "sequences": len(sequences),
-                          "tokens": int(sum(s["inputs_embeds"].shape[1] for s in sequences)),
-                          "settings": asdict(settings)}
-        with log.stage("reference log-probs"):
-            reference = _log_probs(llm, sequences)
-        with log.stage(f"quantize LLM ({weights.method} int{weights.bits})"):
-            # each Linear becomes its codes as soon as it is quantized: fp32 weights freed layer by layer
-            quant = quantize_model(llm, weights, recipe.llm.skip_modules,
-                                   sequences if weights.method == "gptq" else None, progress=log.on_progress,
-                                   release_weights=True)
-        with log.stage("quantization eval"):
-            quant_eval = _quantization_eval(reference, llm, sequences) if sequences else None
-        del reference
+    quantized = quantize_llm(salmonn, llm, recipe, calib_data, log, calib_samples=options.calib_samples)
+    quant, calib_info, quant_eval = quantized.quant, quantized.calibration, quantized.evaluation
     embed_scale = float(salmonn.embed_tokens(torch.arange(min(256, len(salmonn.llama_tokenizer)))).std())
     specs: list[ExportSpec] = [whisper_spec(salmonn)]
     if salmonn.beats is not None:

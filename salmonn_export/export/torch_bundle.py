@@ -14,7 +14,7 @@ onnx nor onnxruntime (the lent GPU machine has neither).
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,15 +24,15 @@ from salmonn_export import __version__
 from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, write_json
 from salmonn_export.dataset import DataSource, choose_data
 from salmonn_export.errors import SalmonnError
+from salmonn_export.export.llm_quantization import quantize_llm
 from salmonn_export.export.matmul_nbits import pack_codes
 from salmonn_export.export.stages import StageLog
 from salmonn_export.files import atomic_dir
 from salmonn_export.model.config import load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
-from salmonn_export.transforms.calibration import build_calibration, calibration_items
 from salmonn_export.transforms.lora import merge_in_place
-from salmonn_export.transforms.quantize import QuantResult, quantize_model
+from salmonn_export.transforms.quantize import QuantResult
 
 TARGET = "torch"
 ENCODER_PREFIXES = ("speech_encoder.", "beats.", "ln_speech.", "ln_audio.", "speech_Qformer.", "speech_query_tokens",
@@ -48,29 +48,6 @@ class TorchBuildOptions:
     calib_samples: int | None = None
     force: bool = False
     seed: int = 0
-
-
-def _quantize(salmonn: SALMONN, llm: torch.nn.Module, recipe: Recipe, options: TorchBuildOptions, log: StageLog,
-              calib_data: DataSource | None) -> tuple[QuantResult | None, dict | None]:
-    """The ONNX build's quantization stage (export/build.py): same data, settings and call, so the
-    same codes (tests/test_torch_engine.py compares them with an ONNX bundle's)."""
-    weights = recipe.llm.weights
-    if weights is None:
-        return None, None
-    sequences, calib = [], None
-    if calib_data is not None:
-        with log.stage("calibration data"):
-            settings = recipe.calibration
-            if options.calib_samples:
-                settings = replace(settings, samples=options.calib_samples)
-            items = calibration_items(calib_data.path, calib_data.audio_root)
-            sequences = build_calibration(salmonn, items, settings)
-            calib = {**calib_data.record(), "sequences": len(sequences), "settings": asdict(settings)}
-    with log.stage(f"quantize LLM ({weights.method} int{weights.bits})"):
-        quant = quantize_model(llm, weights, recipe.llm.skip_modules,
-                               sequences or None, progress=log.on_progress,
-                               release_weights=True)
-    return quant, calib
 
 
 def llm_tensors(llm: torch.nn.Module, quant: QuantResult | None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -127,7 +104,9 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchB
         del encoders
     with log.stage("merge LoRA"):
         llm, lora_error = merge_in_place(salmonn)
-    quant, calib_info = _quantize(salmonn, llm, recipe, options, log, calib_data)
+    # RTN needs no data here: the ONNX build's calibration only feeds its KL check
+    quantized = quantize_llm(salmonn, llm, recipe, calib_data, log, calib_samples=options.calib_samples, evaluate=False)
+    quant, calib_info = quantized.quant, quantized.calibration
     with log.stage("write LLM"):
         tensors, quant_layers = llm_tensors(llm, quant)
         save_file(tensors, str(bundle / "llm.safetensors"))
