@@ -7,6 +7,8 @@ resample to 16 kHz with soxr "HQ" (what `librosa.resample` defaults to, includin
 - an unreadable file is an error naming the file, never a silent substitution of another clip;
 - a NaN or ±inf among the samples the model uses is an error naming the file (the challenge
   would run on it and produce garbage or an empty text);
+- so is a finite sample of magnitude above `MAX_ABS_SAMPLE` (2**32): such values overflow to inf
+  inside the features, the same empty text as a NaN;
 - only the first 30 s plus `RESAMPLER_MARGIN_SECONDS` of native audio are decoded, so the cost
   does not grow with the file's length. The 16 kHz samples are bit-identical to resampling the
   whole file and cutting (soxr's output up to 30 s depends on input at most 0.11 s past 30 s:
@@ -32,6 +34,16 @@ SAMPLE_RATE = 16000
 MAX_SECONDS = 30
 MAX_SAMPLES = MAX_SECONDS * SAMPLE_RATE
 RESAMPLER_MARGIN_SECONDS = 1.0
+
+MAX_ABS_SAMPLE = float(2**32)
+"""Largest sample magnitude the loader accepts (≈4.3e9). Integer PCM decodes to [-1, 1], but float WAVs
+are sometimes written in int16 (±32768) or int32 (±2**31) scale; both pass, and the features are
+level-normalised so they work. No real audio goes past ±2**31, while far larger finite floats (1e20,
+3e38) overflow to inf in float32 features and give an empty text: whisper's power spectrum of a
+400-sample Hann window is at most (400·A)², finite in float32 for A up to ~4e16, and BEATs' kaldi
+fbank of the ×2**15-scaled wave (mean removal and pre-emphasis at most ×~4) is at most
+(400·4·2**15·A)², finite in float32 for A up to ~3e11, over 80× above this limit (tests check that
+the features of a clip at this amplitude are finite)."""
 
 
 @dataclass(frozen=True)
@@ -97,13 +109,20 @@ def _decode(source, name: str | Path) -> AudioClip:
         bad = np.flatnonzero(~finite)
         raise SalmonnError(f"audio holds {len(bad)} non-finite samples (NaN or ±inf), the first at "
                            f"{bad[0] / rate:.3f} s (sample {bad[0]}); the model cannot use it", name)
+    loud = np.abs(used) > MAX_ABS_SAMPLE
+    if loud.any():
+        bad = np.flatnonzero(loud)
+        raise SalmonnError(f"audio holds {len(bad)} samples of magnitude above {MAX_ABS_SAMPLE:.4g} (the limit; "
+                           f"int32-scale floats reach 2.1e9), the first at {bad[0] / rate:.3f} s (sample {bad[0]}) "
+                           f"= {used[bad[0]]:.4g}; the model's features would overflow", name)
     return AudioClip(prepare_wave(wave, rate), int(rate), frames / rate if frames > 0 else len(used) / rate)
 
 
 def load_clip(path: str | Path) -> AudioClip:
     """Load one clip as the challenge does (see the module docstring), decoding at most ~31 s.
 
-    Raises SalmonnError naming the file when it is missing, unreadable, empty or has NaN/±inf samples."""
+    Raises SalmonnError naming the file when it is missing, unreadable, empty or has NaN/±inf samples
+    or samples of magnitude above `MAX_ABS_SAMPLE`."""
     path = Path(path)
     if not path.is_file():
         raise SalmonnError("audio file not found", path)

@@ -11,6 +11,17 @@ from typing import Any
 
 from salmonn_export.errors import SalmonnError
 
+MAX_NEW_TOKENS_LIMIT = 4096
+"""Most new tokens one call may generate (max_new_tokens, min_length). Llama-2's context is 4096
+positions and the speech prompt alone takes ~100, so no real decode needs more; the ONNX runtime's KV
+cache and the torch engine's static cache are allocated for prompt + max_new_tokens positions up front
+(`runtime/kv_cache.py`, `torch_engine/llama.py` `setup_cache`, bounded by its RoPE table), so an
+unbounded value is an allocation failure, not a long decode."""
+
+NUM_BEAMS_LIMIT = 64
+"""Most beams: every beam is a row of the KV cache (batch × beams rows), and beyond a few dozen beams
+search quality stops changing while memory grows linearly."""
+
 
 def check_generate(values: dict[str, Any], source: str | Path | None = None, prefix: str = "",
                    overrides: bool = False) -> None:
@@ -18,7 +29,8 @@ def check_generate(values: dict[str, Any], source: str | Path | None = None, pre
     or per-call overrides (`overrides=True`: None means not given).
 
     Rules are those under which transformers' `generate` (4.46, the challenge's) runs without error
-    and our runtime decodes: max_new_tokens, num_beams >= 1; min_length >= 0; temperature finite and
+    and our runtime decodes: 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT (4096), 1 <= num_beams <=
+    NUM_BEAMS_LIMIT (64); 0 <= min_length <= MAX_NEW_TOKENS_LIMIT; temperature finite and
     >= 0 (> 0 when do_sample); 0 <= top_p <= 1; repetition_penalty > 0; length_penalty finite;
     end_sym a non-empty string (texts are split on it). Raises SalmonnError naming the field and value.
     """
@@ -35,11 +47,12 @@ def check_generate(values: dict[str, Any], source: str | Path | None = None, pre
             raise bad(name, "a finite number")
         return v
 
-    for name in ("max_new_tokens", "num_beams"):
-        if (v := number(name, True)) is not None and v < 1:
-            raise bad(name, ">= 1")
-    if (v := number("min_length", True)) is not None and v < 0:
-        raise bad("min_length", ">= 0")
+    for name, low, high in (("max_new_tokens", 1, MAX_NEW_TOKENS_LIMIT), ("num_beams", 1, NUM_BEAMS_LIMIT),
+                            ("min_length", 0, MAX_NEW_TOKENS_LIMIT)):
+        if (v := number(name, True)) is not None and v < low:
+            raise bad(name, f">= {low}")
+        if v is not None and v > high:
+            raise bad(name, f"between {low} and {high}")
     if (v := number("temperature", False)) is not None and (v < 0 or (v == 0 and values.get("do_sample"))):
         raise bad("temperature", "> 0 with do_sample" if values.get("do_sample") else ">= 0")
     if (v := number("top_p", False)) is not None and not 0 <= v <= 1:

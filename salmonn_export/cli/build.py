@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from salmonn_export.cli.common import (
+    COUNT_MAX,
     SEED_MAX,
     JsonOpt,
     ModelOpt,
@@ -58,7 +59,7 @@ def build(
     calib: Annotated[Path | None, typer.Option(help="Calibration audio: a folder or an annotation .json "
                                                     "(default: the config's datasets valid/test/train annotation; "
                                                     "the demo clips for the demo model).")] = None,
-    calib_samples: Annotated[int | None, typer.Option(callback=bounded(1),
+    calib_samples: Annotated[int | None, typer.Option(callback=bounded(1, COUNT_MAX),
                                                       help="Calibration sequences (default from the recipe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines for the encoders and Q-Former.")] = False,
@@ -89,9 +90,6 @@ def build(
     if out_dir is None:
         stem = "demo" if model is None else config.resolve().parent.name
         out_dir = Path("engines") / f"{stem}-{rec.name}{'-torch' if target == 'torch' else ''}"
-    from salmonn_export.files import check_output_dir
-
-    check_output_dir(out_dir, "bundle")  # before anything is built
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:
         current = {"task": None}

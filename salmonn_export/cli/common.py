@@ -23,6 +23,8 @@ from rich.console import Console
 
 from salmonn_export import __version__
 from salmonn_export.errors import SalmonnError, Terminated
+from salmonn_export.generation_rules import MAX_NEW_TOKENS_LIMIT as MAX_NEW_TOKENS_LIMIT  # re-exported for the commands
+from salmonn_export.generation_rules import NUM_BEAMS_LIMIT as NUM_BEAMS_LIMIT
 
 
 def _usage_error_types() -> tuple[type[Exception], type[Exception]]:
@@ -93,16 +95,51 @@ ModelOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 EngineOpt = Annotated[Path | None, typer.Option("--engine", "-e", help="Engine bundle folder (default: the demo "
                                                                          "model's w4a16 bundle, built on first use).")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, tensorrt or auto (TensorRT → CUDA → CPU). A missing "
-                                             "provider is an error, never a silent fallback.")]
+TORCH_DEVICES = ("cpu", "cuda")
+ENGINE_DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+
+
+def device_check(choices: tuple[str, ...], cuda_index: bool = True) -> Callable:
+    """An option callback for `--device`: one of `choices`, or `cuda:N` (N a GPU index, when
+    `cuda_index`). Any other value is a usage error: one line naming --device and the choices, exit 2
+    (before anything is loaded). Whether the device is actually present is checked where it is used."""
+    def check(value):
+        if value is None or value in choices:
+            return value
+        if cuda_index and value.startswith("cuda:") and value[5:].isdigit() and value[5:].isascii() \
+                and int(value[5:]) < 1024:
+            return value
+        names = [*choices, "cuda:N"] if cuda_index else list(choices)
+        allowed = ", ".join(names[:-1]) + " or " + names[-1]
+        raise typer.BadParameter(f"unknown device {value!r} (--device must be {allowed})")
+
+    return check
+
+
+DeviceOpt = Annotated[str, typer.Option(callback=device_check(ENGINE_DEVICES),
+                                        help="cpu, cuda, cuda:N (a torch bundle), tensorrt or auto (TensorRT → "
+                                             "CUDA → CPU). A missing provider is an error, never a silent "
+                                             "fallback.")]
+TorchDeviceOpt = Annotated[str, typer.Option("--device", callback=device_check(TORCH_DEVICES),
+                                             help="cpu, cuda or cuda:N (fp16 autocast like the challenge).")]
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="asr (WER) or aac (the challenge's SPIDEr = CIDEr-D × 100).")]
 
 
 SEED_MAX = 2**32 - 1  # numpy and torch both take seeds in [0, 2**32)
 
+# Upper bounds of count-like options: far above any real use, low enough that a typo (or 1e23) is a
+# one-line usage error instead of an allocation failure or a run that never ends. Generation values
+# (max_new_tokens, num_beams) share the config/manifest rules of `generation_rules`.
+BATCH_MAX = 1024  # clips per batch (and serve's --max-batch): each is a row of every activation and KV cache
+ITERS_MAX = 100_000  # bench warm-up/timed iterations
+COUNT_MAX = 10_000_000  # item counts: --limit, --calib-samples, serve's --max-queue
+WORKERS_MAX = 1024  # Ray actors/replicas
+
 
 def bounded(low: float | None = None, high: float | None = None, *, above: float | None = None) -> Callable:
     """An option callback that refuses nan/inf and values below `low`, not above `above`, or above `high`.
+    Every count-like option has a `high` (see BATCH_MAX, ITERS_MAX, ...): a huge value is a usage error,
+    not an allocation failure deep inside numpy or torch.
 
     A refusal is a usage error: one line `error: Invalid value for '--x': must be >= 1, got 0`, exit 2.
     """
@@ -116,7 +153,8 @@ def bounded(low: float | None = None, high: float | None = None, *, above: float
         if above is not None and value <= above:
             raise typer.BadParameter(f"must be > {above}, got {value}")
         if high is not None and value > high:
-            raise typer.BadParameter(f"must be <= {high}, got {value}")
+            span = f"{low} to {high}" if low is not None else f"> {above}" if above is not None else None
+            raise typer.BadParameter(f"must be <= {high}" + (f" (allowed: {span})" if span else "") + f", got {value}")
         return value
 
     return check

@@ -10,7 +10,12 @@ from typing import Annotated
 import typer
 
 from salmonn_export.cli.common import (
+    BATCH_MAX,
+    ITERS_MAX,
+    MAX_NEW_TOKENS_LIMIT,
+    NUM_BEAMS_LIMIT,
     SEED_MAX,
+    TORCH_DEVICES,
     DeviceOpt,
     EngineOpt,
     JsonOpt,
@@ -18,6 +23,7 @@ from salmonn_export.cli.common import (
     app,
     audio_or_demo,
     bounded,
+    device_check,
     engine_path,
     err,
     handle_errors,
@@ -25,7 +31,7 @@ from salmonn_export.cli.common import (
     stream_texts,
 )
 from salmonn_export.errors import SalmonnError
-from salmonn_export.files import atomic_write_text, check_output_file
+from salmonn_export.files import atomic_write_text
 
 
 @app.command()
@@ -34,10 +40,11 @@ def run(
     audio: Annotated[list[Path] | None, typer.Argument(help="Audio files. Default: the demo clips for the task.")] = None,
     task: Annotated[str, typer.Option("--task", "-t", help="asr, aac, or another task key of the bundle's prompts.")] = "asr",
     engine: EngineOpt = None,
-    batch_size: Annotated[int, typer.Option(callback=bounded(1), help="Clips per batch.")] = 1,
-    num_beams: Annotated[int | None, typer.Option(callback=bounded(1),
+    batch_size: Annotated[int, typer.Option(callback=bounded(1, BATCH_MAX), help="Clips per batch.")] = 1,
+    num_beams: Annotated[int | None, typer.Option(callback=bounded(1, NUM_BEAMS_LIMIT),
                                                   help="Override the bundle's num_beams (1 = greedy).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(callback=bounded(1), help="Override max_new_tokens.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(callback=bounded(1, MAX_NEW_TOKENS_LIMIT),
+                                                       help="Override max_new_tokens.")] = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ):
@@ -82,7 +89,7 @@ def verify(
                                                    "(default: the config's datasets valid/test/train annotation; "
                                                    "the demo clips for the demo model).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here (and a .md beside it).")] = None,
-    num_beams: Annotated[int | None, typer.Option(callback=bounded(1),
+    num_beams: Annotated[int | None, typer.Option(callback=bounded(1, NUM_BEAMS_LIMIT),
                                                   help="Override num_beams for the end-to-end texts.")] = None,
     as_json: JsonOpt = False,
 ):
@@ -101,9 +108,6 @@ def verify(
     from salmonn_export.model.salmonn import load_salmonn
     from salmonn_export.runtime.engine import Engine
 
-    if report is not None:  # before anything is loaded or run
-        check_output_file(report, "report")
-        check_output_file(report.with_suffix(".md"), "markdown report")
     bundle = engine_path(engine)
     eng = Engine(bundle)
     config = model or Path(eng.manifest["source"]["config"])
@@ -147,17 +151,20 @@ def bench(
     model: ModelOpt = None,
     audio_seconds: Annotated[float, typer.Option(callback=bounded(high=30, above=0),
                                                  help="Length of the N(0,1) noise clip (challenge: 10).")] = 10.0,
-    warmup: Annotated[int, typer.Option(callback=bounded(0), help="Warm-up iterations, discarded (challenge: 10).")] = 10,
-    iters: Annotated[int, typer.Option(callback=bounded(1), help="Timed iterations (challenge: 100).")] = 100,
-    stage_iters: Annotated[int, typer.Option(callback=bounded(1), help="Timed iterations per stage.")] = 10,
+    warmup: Annotated[int, typer.Option(callback=bounded(0, ITERS_MAX),
+                                        help="Warm-up iterations, discarded (challenge: 10).")] = 10,
+    iters: Annotated[int, typer.Option(callback=bounded(1, ITERS_MAX), help="Timed iterations (challenge: 100).")] = 100,
+    stage_iters: Annotated[int, typer.Option(callback=bounded(1, ITERS_MAX), help="Timed iterations per stage.")] = 10,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Peak RSS per system in a subprocess.")] = True,
     batch_sizes: Annotated[str, typer.Option(help="Throughput batch sizes (greedy, --new-tokens each); empty = skip.")] = "1,4",
-    new_tokens: Annotated[int, typer.Option(callback=bounded(1), help="Tokens generated per clip for the throughput runs.")] = 16,
+    new_tokens: Annotated[int, typer.Option(callback=bounded(1, MAX_NEW_TOKENS_LIMIT),
+                                            help="Tokens generated per clip for the throughput runs.")] = 16,
     generation: Annotated[bool, typer.Option("--generation/--no-generation", help="Throughput, full beam-search "
                                                                                  "answer and clip end-to-end runs.")] = True,
     clip: Annotated[Path | None, typer.Option(help="Real clip for the end-to-end latency (default: a demo clip).")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here (needs matplotlib).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, or cuda: the reference under fp16 autocast with CUDA memory "
+    device: Annotated[str, typer.Option(callback=device_check(TORCH_DEVICES, cuda_index=False),
+                                        help="cpu, or cuda: the reference under fp16 autocast with CUDA memory "
                                              "figures, engines on the CUDA execution provider.")] = "cpu",
     seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX),
                                       help="Seed of the noise clip (the challenge's is unseeded).")] = 0,
@@ -193,9 +200,6 @@ def bench(
 
     if device not in ("cpu", "cuda"):
         raise SalmonnError("--device must be cpu or cuda")
-    for target, what in ((json_out, "result JSON"), (markdown_out, "markdown table"), (plot_out, "chart")):
-        if target is not None:  # before anything is measured
-            check_output_file(target, what)
     try:  # every option is checked before anything is measured
         sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
     except ValueError:

@@ -9,7 +9,10 @@ from typing import Annotated
 import typer
 
 from salmonn_export.cli.common import (
+    BATCH_MAX,
+    COUNT_MAX,
     SEED_MAX,
+    WORKERS_MAX,
     DeviceOpt,
     JsonOpt,
     TaskOpt,
@@ -34,17 +37,18 @@ def eval_cmd(
     audio_root: Annotated[Path | None, typer.Option(help="Audio prefix: paths become ROOT + '/' + path "
                                                         "(default: relative to the annotation).")] = None,
     out_csv: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV to write.")] = Path("submission.csv"),
-    batch_size: Annotated[int, typer.Option(callback=bounded(1),
+    batch_size: Annotated[int, typer.Option(callback=bounded(1, BATCH_MAX),
                                             help="Clips per batch (the challenge used run.batch_size_eval, 8; "
                                                  "BEATs padding makes results batch-dependent).")] = 1,
-    limit: Annotated[int | None, typer.Option(callback=bounded(1), help="Only the first N items (after sharding).")] = None,
+    limit: Annotated[int | None, typer.Option(callback=bounded(1, COUNT_MAX),
+                                              help="Only the first N items (after sharding).")] = None,
     shard: Annotated[str | None, typer.Option(help="Run shard I/N (contiguous slice) of the items.")] = None,
     skip_bad_audio: Annotated[bool, typer.Option("--skip-bad-audio", help="List unreadable files as skipped "
                                                                          "instead of stopping.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard partial results of an earlier run.")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Spread the batches over Ray actors (Ray Data), one engine each.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
-    ray_actors: Annotated[int, typer.Option(callback=bounded(1), help="Engine actors with --ray.")] = 2,
+    ray_actors: Annotated[int, typer.Option(callback=bounded(1, WORKERS_MAX), help="Engine actors with --ray.")] = 2,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ):
@@ -63,9 +67,6 @@ def eval_cmd(
     if engine is not None and model is not None:
         raise SalmonnError("give --engine or --model, not both")
     shard_range = parse_shard(shard)  # options are checked before anything is loaded
-    from salmonn_export.files import check_output_file
-
-    check_output_file(out_csv, "submission CSV")
     if annotation is None:
         from salmonn_export.harness.demo_data import write_demo_data
         from salmonn_export.model.demo import cache_root
@@ -217,10 +218,8 @@ def merge(
     Example: salmonn-export merge part0.csv part1.csv --out submission.csv --annotation ann.json --task asr
     """
     from salmonn_export.dataset import read_annotation
-    from salmonn_export.files import check_output_file
     from salmonn_export.harness.submission import merge_submissions, write_submission
 
-    check_output_file(out_csv, "submission CSV")
     rows = merge_submissions(parts, read_annotation(annotation, task) if annotation else None)
     write_submission(out_csv, rows)
     if as_json:

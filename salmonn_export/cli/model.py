@@ -11,9 +11,13 @@ import typer
 from rich.table import Table
 
 from salmonn_export.cli.common import (
+    BATCH_MAX,
+    MAX_NEW_TOKENS_LIMIT,
+    NUM_BEAMS_LIMIT,
     SEED_MAX,
     JsonOpt,
     ModelOpt,
+    TorchDeviceOpt,
     app,
     audio_or_demo,
     bounded,
@@ -140,12 +144,14 @@ def generate(
                                                              "Default: the demo clips for the task.")] = None,
     task: Annotated[str, typer.Option("--task", "-t", help="asr, aac, or any task key of the prompt file.")] = "asr",
     model: ModelOpt = None,
-    batch_size: Annotated[int, typer.Option(callback=bounded(1),
+    batch_size: Annotated[int, typer.Option(callback=bounded(1, BATCH_MAX),
                                             help="Clips per batch (batched = unbatched for same-length clips; "
                                                  "BEATs padding makes shorter clips differ, as in the challenge).")] = 1,
-    num_beams: Annotated[int | None, typer.Option(callback=bounded(1), help="Override generate.num_beams (1 = greedy).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(callback=bounded(1), help="Override generate.max_new_tokens.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda (fp16 autocast like the challenge).")] = "cpu",
+    num_beams: Annotated[int | None, typer.Option(callback=bounded(1, NUM_BEAMS_LIMIT),
+                                                  help="Override generate.num_beams (1 = greedy).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(callback=bounded(1, MAX_NEW_TOKENS_LIMIT),
+                                                       help="Override generate.max_new_tokens.")] = None,
+    device: TorchDeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ):
     """Run the PyTorch reference SALMONN on audio files: one output line per file.

@@ -11,6 +11,9 @@ from typing import Annotated
 import typer
 
 from salmonn_export.cli.common import (
+    BATCH_MAX,
+    COUNT_MAX,
+    WORKERS_MAX,
     DeviceOpt,
     EngineOpt,
     app,
@@ -28,16 +31,16 @@ def serve(
     engine: EngineOpt = None,
     host: Annotated[str, typer.Option(help="Bind address (localhost by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(callback=bounded(1, 65535), help="TCP port.")] = 8000,
-    max_batch: Annotated[int, typer.Option(callback=bounded(1), help="Most requests run together in one batch.")] = 4,
+    max_batch: Annotated[int, typer.Option(callback=bounded(1, BATCH_MAX), help="Most requests run together in one batch.")] = 4,
     max_wait_ms: Annotated[float, typer.Option(callback=bounded(0), help="How long a batch waits to fill up.")] = 10.0,
-    max_queue: Annotated[int, typer.Option(callback=bounded(1), help="Queued requests before answering 503.")] = 64,
+    max_queue: Annotated[int, typer.Option(callback=bounded(1, COUNT_MAX), help="Queued requests before answering 503.")] = 64,
     max_upload_mb: Annotated[float, typer.Option(callback=bounded(above=0), help="Largest upload (413 above).")] = 25.0,
     max_audio_seconds: Annotated[float, typer.Option(callback=bounded(above=0), help="Longest audio (413 above).")] = 30.0,
     request_timeout_s: Annotated[float, typer.Option(callback=bounded(above=0), help="Per-request timeout (504).")] = 120.0,
     api_key_env: Annotated[str | None, typer.Option(help="Name of an environment variable holding the API key; "
                                                          "requests then need Authorization: Bearer <key>.")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve (one engine per replica).")] = False,
-    replicas: Annotated[int, typer.Option(callback=bounded(1), help="Ray Serve replicas (with --ray).")] = 1,
+    replicas: Annotated[int, typer.Option(callback=bounded(1, WORKERS_MAX), help="Ray Serve replicas (with --ray).")] = 1,
     autoscale: Annotated[str | None, typer.Option(help="MIN:MAX replicas, autoscaled by ongoing requests (with --ray).")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
     device: DeviceOpt = "cpu",

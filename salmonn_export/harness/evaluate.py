@@ -47,7 +47,12 @@ def shard_slice(examples: list[Example], shard: tuple[int, int]) -> list[Example
     return examples[index * n // count:(index + 1) * n // count]
 
 
+SHARDS_MAX = 100_000
+"""Most shards `--shard I/N` may name: far above any cluster, low enough that a typo (1e23) is refused."""
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
+    """`I/N` → (I, N) with 0 <= I < N <= SHARDS_MAX; None/empty → (0, 1). Raises SalmonnError naming --shard."""
     if not text:
         return (0, 1)
     try:
@@ -56,6 +61,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         raise SalmonnError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
     if n < 1 or not 0 <= i < n:
         raise SalmonnError(f"--shard {text}: need 0 <= I < N")
+    if n > SHARDS_MAX:
+        raise SalmonnError(f"--shard {text}: N must be <= {SHARDS_MAX} (allowed: 0 <= I < N <= {SHARDS_MAX})")
     return (i, n)
 
 
@@ -125,9 +132,6 @@ def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], 
     """Run, resume, write the CSV (+ score JSON when references exist). Returns the summary.
 
     Batches are the same whether they run here (`backend`) or elsewhere (`runner`), so is the CSV."""
-    from salmonn_export.files import check_output_file
-
-    check_output_file(options.out, "submission CSV")  # before any work: no partial results beside a bad --out
     examples = shard_slice(examples, options.shard)
     if options.limit is not None:
         examples = examples[: options.limit]
