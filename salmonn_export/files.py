@@ -46,6 +46,69 @@ def normalize_modes(root: Path, umask: int | None = None) -> None:
         os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
+def os_problem(exc: OSError) -> str:
+    """A short reason for an OSError met while writing ("cannot write here: Permission denied")."""
+    return f"cannot write here: {exc.strerror or exc}"
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return Path(path.anchor or "/")
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The parent chain of `path` holds no file; missing folders are created (SalmonnError otherwise)."""
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise SalmonnError(f"cannot write the {what} here: {ancestor} is a file, not a folder", path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SalmonnError(f"cannot create the parent folder of the {what} ({exc.strerror or exc})", path) from None
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Check, before any work, that a file can be written at `path`: it is not a folder, no file stands
+    in its parent chain (missing parent folders are created) and a probe file can be created beside it
+    (read-only file systems, permissions, /proc). Raises one SalmonnError naming `path`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise SalmonnError(f"is a folder, not a file (give a file path for the {what})", path)
+    _check_parent(path, what)
+    probe = path.with_name(f".{path.name}.probe-{secrets.token_hex(4)}")
+    try:
+        with open(probe, "x"):
+            pass
+    except OSError as exc:
+        raise SalmonnError(os_problem(exc), path) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    if path.exists() and not os.access(path, os.W_OK) and os.geteuid() != 0:
+        raise SalmonnError("cannot write here: Permission denied (the file is read-only)", path)
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Check that a folder can be created or replaced at `path`: it is not an existing file and its parent
+    chain holds no file (missing parent folders are created) and a folder can be created beside it.
+    Raises one SalmonnError naming `path`."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SalmonnError(f"is a file, not a folder (the {what} must be a folder)", path)
+    _check_parent(path, what)
+    probe = path.with_name(f".{path.name}.probe-{secrets.token_hex(4)}")
+    try:
+        probe.mkdir()
+    except OSError as exc:
+        raise SalmonnError(os_problem(exc), path) from None
+    with contextlib.suppress(OSError):
+        probe.rmdir()
+    return path
+
+
 def _building_dir(out: Path) -> Path:
     """A new empty sibling `.NAME.building-XXXXXXXX`, created with the umask's mode (mkdtemp forces 0700)."""
     for _ in range(100):
@@ -67,23 +130,26 @@ def atomic_dir(out: str | Path, force: bool = False, what: str = "output folder"
     Without `force`, an existing non-empty `out` is an error.
     """
     out = Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    check_output_dir(out, what)
+    if out.exists() and any(out.iterdir()) and not force:
         raise SalmonnError(f"{what} already exists and is not empty (use --force to replace it)", out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _building_dir(out)
     except OSError as exc:
-        raise SalmonnError(f"cannot write the {what} here ({exc.strerror or exc})", out.parent) from None
+        raise SalmonnError(f"cannot write the {what} here ({exc.strerror or exc})", out) from None
     try:
         yield tmp
         normalize_modes(tmp)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        try:
+            if out.exists():
+                trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
+                out.rename(trash)
+                tmp.rename(out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except OSError as exc:
+            raise SalmonnError(f"cannot put the {what} in place ({exc.strerror or exc})", out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -92,12 +158,18 @@ def atomic_dir(out: str | Path, force: bool = False, what: str = "output folder"
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` through a hidden sibling temp file renamed into place: readers
     see the old file or the new one, never a half-written one; the temp file is removed on any error
-    (Ctrl-C and SIGTERM in the CLI included). The file gets the umask's mode (0o666 & ~umask)."""
-    path = Path(path)
+    (Ctrl-C and SIGTERM in the CLI included). The file gets the umask's mode (0o666 & ~umask).
+
+    A path that cannot take a file (a folder, a missing or read-only place) is one SalmonnError
+    naming it (`check_output_file`); missing parent folders are created."""
+    path = check_output_file(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
+    except OSError as exc:
+        raise SalmonnError(os_problem(exc), path) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path

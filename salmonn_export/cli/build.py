@@ -90,6 +90,9 @@ def build(
     if out_dir is None:
         stem = "demo" if model is None else config.resolve().parent.name
         out_dir = Path("engines") / f"{stem}-{rec.name}{'-torch' if target == 'torch' else ''}"
+    from salmonn_export.files import check_output_dir
+
+    check_output_dir(out_dir, "bundle")  # before anything is built
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:
         current = {"task": None}

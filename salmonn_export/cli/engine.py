@@ -31,7 +31,7 @@ from salmonn_export.cli.common import (
     stream_texts,
 )
 from salmonn_export.errors import SalmonnError
-from salmonn_export.files import atomic_write_text
+from salmonn_export.files import atomic_write_text, check_output_file
 
 
 @app.command()
@@ -108,6 +108,9 @@ def verify(
     from salmonn_export.model.salmonn import load_salmonn
     from salmonn_export.runtime.engine import Engine
 
+    if report is not None:  # before anything is loaded or run
+        check_output_file(report, "report")
+        check_output_file(report.with_suffix(".md"), "markdown report")
     bundle = engine_path(engine)
     eng = Engine(bundle)
     config = model or Path(eng.manifest["source"]["config"])
@@ -200,6 +203,9 @@ def bench(
 
     if device not in ("cpu", "cuda"):
         raise SalmonnError("--device must be cpu or cuda")
+    for target, what in ((json_out, "result JSON"), (markdown_out, "markdown table"), (plot_out, "chart")):
+        if target is not None:  # before anything is measured
+            check_output_file(target, what)
     try:  # every option is checked before anything is measured
         sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
     except ValueError:

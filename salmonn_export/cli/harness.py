@@ -67,6 +67,9 @@ def eval_cmd(
     if engine is not None and model is not None:
         raise SalmonnError("give --engine or --model, not both")
     shard_range = parse_shard(shard)  # options are checked before anything is loaded
+    from salmonn_export.files import check_output_file
+
+    check_output_file(out_csv, "submission CSV")
     if annotation is None:
         from salmonn_export.harness.demo_data import write_demo_data
         from salmonn_export.model.demo import cache_root
@@ -218,8 +221,10 @@ def merge(
     Example: salmonn-export merge part0.csv part1.csv --out submission.csv --annotation ann.json --task asr
     """
     from salmonn_export.dataset import read_annotation
+    from salmonn_export.files import check_output_file
     from salmonn_export.harness.submission import merge_submissions, write_submission
 
+    check_output_file(out_csv, "submission CSV")
     rows = merge_submissions(parts, read_annotation(annotation, task) if annotation else None)
     write_submission(out_csv, rows)
     if as_json:

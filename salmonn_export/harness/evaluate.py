@@ -132,6 +132,9 @@ def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], 
     """Run, resume, write the CSV (+ score JSON when references exist). Returns the summary.
 
     Batches are the same whether they run here (`backend`) or elsewhere (`runner`), so is the CSV."""
+    from salmonn_export.files import check_output_file
+
+    check_output_file(options.out, "submission CSV")  # before any work: no partial results beside a bad --out
     examples = shard_slice(examples, options.shard)
     if options.limit is not None:
         examples = examples[: options.limit]

@@ -4,7 +4,9 @@ Reading: the challenge's validator reads a submission with `pandas.read_csv(path
 (UTF-8, a leading BOM dropped, CRLF or LF line ends, quoted fields, blank lines skipped, the
 `na_values` list below turned into NaN, column types inferred). We read with the same call, so we
 accept exactly what it accepts; anything it cannot read (bytes that are not UTF-8, unbalanced
-quotes, ...) is one `SalmonnError` naming the file and the problem.
+quotes, ...) is one `SalmonnError` naming the file and the problem. Like that reader we decompress
+by extension (.gz .bz2 .zip .xz .zst, .tar and .tar.gz/.bz2/.xz; `inferred_compression`), and refuse
+a compressed file whose name does not say so ("looks gzip-compressed; name it ....csv.gz").
 
 Checks (one place, `submission_problems`, used by `validate-submission`, `score` and `eval`): the
 validator's three rules — columns exactly `testset_id,text`, ids matching `^test\\d{4}$`, every text
@@ -21,11 +23,13 @@ whitespace). Every written file is read back and checked before it replaces the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
 import re
+import secrets
 from collections import Counter
 from pathlib import Path
 
@@ -78,31 +82,145 @@ def csv_text(rows: list[tuple[str, str]]) -> str:
 
 
 def write_submission(path: str | Path, rows: list[tuple[str, str]]) -> None:
-    """Write `(testset_id, text)` rows atomically (temp file + rename), texts through `safe_text`.
+    """Write `(testset_id, text)` rows atomically (temp file + rename), texts through `safe_text`;
+    compressed as pandas would infer from the extension (.gz, .bz2, .xz, .zip, .zst).
 
-    The temp file is read back as the challenge reads it first; a text that would not come back as
-    written is a bug here and raises RuntimeError (the target is left as it was)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    A path that cannot take the file (a folder, a read-only place, ...) is one SalmonnError naming it
+    (`files.check_output_file`). The temp file is read back as the challenge reads it first; a text
+    that would not come back as written is a bug here and raises RuntimeError (the target is left as it was)."""
+    from salmonn_export.files import check_output_file, os_problem
+
+    path = check_output_file(path, "submission CSV")
+    compression = inferred_compression(path)
+    if compression == "tar":
+        raise SalmonnError("cannot write a tar archive; name the submission .csv (or .csv.gz, .csv.bz2, .csv.xz, "
+                           ".csv.zip)", path)
+    data = _compress(csv_text(rows).encode("utf-8"), compression, path)
+    # the temp name keeps the target's extension, so pandas reads it back with the same compression
+    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}.{path.name}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(csv_text(rows))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise SalmonnError(os_problem(exc), path) from None
         raw, challenge_texts = _read_both(tmp)
         expected = [(t, safe_text(x)) for t, x in rows]
         bad = [i for i, (want, got, seen) in enumerate(zip(expected, raw, challenge_texts))
                if got != want or not isinstance(seen, str)]
         if len(raw) != len(rows) or bad:
             raise RuntimeError(f"internal error: the submission writer produced a file pandas misreads (rows {bad[:5]})")
-        tmp.replace(path)
+        try:
+            tmp.replace(path)
+        except OSError as exc:
+            raise SalmonnError(os_problem(exc), path) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+# pandas' `compression="infer"`: the first of these the lower-cased name ends with (pandas.io.common)
+EXTENSION_COMPRESSION = (
+    (".tar", "tar"), (".tar.gz", "tar"), (".tar.bz2", "tar"), (".tar.xz", "tar"),
+    (".gz", "gzip"), (".bz2", "bz2"), (".zip", "zip"), (".xz", "xz"), (".zst", "zstd"),
+)
+EXTENSION_OF = {"gzip": ".gz", "bz2": ".bz2", "zip": ".zip", "xz": ".xz", "zstd": ".zst"}
+# leading bytes of each format, to name a compressed file whose extension does not say so
+MAGIC = (
+    (b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"PK\x03\x04", "zip"), (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+
+
+def inferred_compression(path: Path) -> str | None:
+    """The compression pandas' `read_csv(path)` infers from the file name (None: plain text)."""
+    name = path.name.lower()
+    for ext, kind in EXTENSION_COMPRESSION:
+        if name.endswith(ext):
+            return kind
+    return None
+
+
+def _zstandard(path: Path):
+    try:
+        import zstandard
+    except ImportError:
+        raise SalmonnError("a .zst file needs the zstandard package (pip install zstandard), as pandas does",
+                           path) from None
+    return zstandard
+
+
+def _compress(data: bytes, compression: str | None, path: Path) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    if compression is None:
+        return data
+    if compression == "gzip":
+        return gzip.compress(data, mtime=0)
+    if compression == "bz2":
+        return bz2.compress(data)
+    if compression == "xz":
+        return lzma.compress(data)
+    if compression == "zstd":
+        return _zstandard(path).ZstdCompressor().compress(data)
+    buf = io.BytesIO()  # zip: one member named as the file without .zip, as pandas writes it
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(path.name[: -len(".zip")] or "submission.csv", data)
+    return buf.getvalue()
+
+
+def _decompressed(path: Path) -> bytes:
+    """The bytes pandas' default reader parses: the file, decompressed as its extension says.
+
+    A compressed file whose name does not say so (pandas would parse the compressed bytes) and a
+    named one that does not decompress are one SalmonnError each."""
+    import bz2
+    import gzip
+    import lzma
+    import tarfile
+    import zipfile
+
+    data = path.read_bytes()
+    compression = inferred_compression(path)
+    if compression is None:
+        for magic, kind in MAGIC:
+            if data.startswith(magic):
+                raise SalmonnError(f"looks {kind}-compressed but the name does not say so (pandas reads it as "
+                                   f"text); name it {path.stem}.csv{EXTENSION_OF[kind]}", path)
+        return data
+    try:
+        if compression == "gzip":
+            return gzip.decompress(data)
+        if compression == "bz2":
+            return bz2.decompress(data)
+        if compression == "xz":
+            return lzma.decompress(data)
+        if compression == "zstd":
+            return _zstandard(path).ZstdDecompressor().decompressobj().decompress(data)
+        if compression == "zip":
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                names = [n for n in zf.namelist() if not n.startswith("__MACOSX/") and not n.endswith("/")]
+                if len(names) != 1:
+                    raise SalmonnError(f"a zipped submission must hold exactly one file (found {len(names)})", path)
+                return zf.read(names[0])
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            members = [m for m in tf.getmembers() if m.isfile()]
+            if len(members) != 1:
+                raise SalmonnError(f"a tar submission must hold exactly one file (found {len(members)})", path)
+            return tf.extractfile(members[0]).read()
+    except SalmonnError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every decompressor's own error type
+        raise SalmonnError(f"named {compression} by its extension but cannot be decompressed ({exc})", path) from None
 
 
 def _check_utf8(path: Path) -> None:
-    data = path.read_bytes()
+    data = _decompressed(path)
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
