@@ -61,7 +61,8 @@ def engine_system(bundle: str | Path, wave: np.ndarray, name: str | None = None,
         (EOS blocked by min_length) from the same prompt, differenced so the prefill cancels."""
         def run(n):
             t0 = time.perf_counter()
-            eng.generate_ids(embeds, mask, num_beams=num_beams, max_new_tokens=n, min_length=10**9)
+            eng.generate_ids(embeds, mask, num_beams=num_beams, max_new_tokens=n,
+                             min_length=embeds.shape[1] + n)  # counts the prompt, as transformers' does
             return time.perf_counter() - t0
 
         return (run(long) - run(short)) / (long - short)
