@@ -183,3 +183,23 @@ def test_lm_head_recipe_on_the_tied_challenge_fixture(challenge_tied_fixture, tm
     np.testing.assert_array_equal(np.load(bundle / "embed_tokens.npy"), table)
     assert report["validation"]["decoder"]["cosine"] > 0.99999
     assert np.isfinite(report["quantization_eval"]["mean_kl"])
+
+
+def test_low_memory_reference_generates_the_full_loads_texts(tmp_path, audio_dir):
+    """verify loads its reference low-memory (a 3B beside its bundle): same texts as the fp32 load,
+    greedy and beam 4, on an fp16-stored LLM with LoRA unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    from salmonn_export.model.salmonn import load_salmonn
+    from salmonn_export.model.tiny import write_tiny_salmonn
+
+    folder = write_tiny_salmonn(tmp_path / "m", preset="tiny", seed=2)
+    llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), dtype=torch.float32)
+    llm.half().save_pretrained(str(folder / "llm"))
+    full = load_salmonn(folder / "config.yaml")
+    low = load_salmonn(folder / "config.yaml", low_memory=True)
+    assert low.causal_lm.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
+    clips = [p for p in sorted(audio_dir.glob("*.wav")) if p.name != "broken.wav"][:2]
+    for beams in (1, 4):
+        expected = full.transcribe(clips, "asr", num_beams=beams, max_new_tokens=12)
+        assert low.transcribe(clips, "asr", num_beams=beams, max_new_tokens=12) == expected

@@ -124,7 +124,7 @@ def verify(
         return [Item(p, "asr") for p in demo_clips("asr")] + [Item(p, "aac") for p in demo_clips("aac")]
 
     items = demo_items() if source.is_demo else verify_items(source.path, demo_items, source.audio_root)
-    reference = load_salmonn(config)
+    reference = load_salmonn(config, low_memory=True)  # fp16-stored LLM stays fp16 (a 3B beside its bundle)
     with Progress(console=err, transient=True) as progress:
         task_id = progress.add_task("verifying", total=len(items))
         result = run_verify(reference, eng, items, lambda done, total: progress.update(task_id, completed=done),

@@ -319,9 +319,10 @@ def _few(keys: list[str], n: int = 4) -> str:
     return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_salmonn(config: str | Path | SalmonnConfig, device: str = "cpu", overrides: list[str] | None = None) -> SALMONN:
-    """Load a trained SALMONN from its challenge YAML."""
+def load_salmonn(config: str | Path | SalmonnConfig, device: str = "cpu", overrides: list[str] | None = None,
+                 low_memory: bool = False) -> SALMONN:
+    """Load a trained SALMONN from its challenge YAML (`low_memory`: see `SALMONN.__init__`)."""
     if not isinstance(config, SalmonnConfig):
         config = load_config(config, overrides)
     torch.manual_seed(0)  # peft initialises LoRA before the checkpoint overwrites it; keep that deterministic
-    return SALMONN(config, device=device)
+    return SALMONN(config, device=device, low_memory=low_memory)
