@@ -78,6 +78,11 @@ class BundleTokenizer:
         return clean_up_tokenization(text) if self.clean_up else text
 
 
+def decode_texts(tokenizer: BundleTokenizer, ids: np.ndarray, end_sym: str) -> list[str]:
+    """Generated ids [B, L] → texts as the challenge's eval writes them: cut at `end_sym`, lower-cased."""
+    return [tokenizer.decode(row).split(end_sym)[0].lower() for row in ids]
+
+
 @dataclass
 class EngineOutput:
     texts: list[str]
@@ -210,13 +215,7 @@ class Engine:
 
     def generation_settings(self, **overrides) -> GenerationSettings:
         """The bundle's generation settings with non-None overrides applied (range-checked: SalmonnError)."""
-        check_generate(overrides, overrides=True)
-        g = self.manifest["generation"]
-        values = dict(max_new_tokens=g["max_new_tokens"], num_beams=g["num_beams"], eos_token_ids=g["eos_token_id"],
-                      pad_token_id=g["pad_token_id"], min_length=g["min_length"],
-                      repetition_penalty=g["repetition_penalty"], length_penalty=g["length_penalty"])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return GenerationSettings(**values)
+        return GenerationSettings.from_manifest(self.manifest["generation"], **overrides)
 
     def generate_ids(self, embeds: np.ndarray, mask: np.ndarray, **overrides) -> np.ndarray:
         settings = self.generation_settings(**overrides)
@@ -228,8 +227,7 @@ class Engine:
         return generate(embeds, mask, settings, step, self.reorder, lambda ids: self.embed(ids)[:, None, :])
 
     def decode(self, ids: np.ndarray) -> list[str]:
-        end_sym = self.manifest["generation"]["end_sym"]
-        return [self.tokenizer.decode(row).split(end_sym)[0].lower() for row in ids]
+        return decode_texts(self.tokenizer, ids, self.manifest["generation"]["end_sym"])
 
     # ------------------------------------------------------------------ end to end
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from salmonn_export.generation_rules import check_generate
+
 # step(inputs_embeds [N,S,H], attention_mask [N,T], position_ids [N,S], past | None) -> (logits [N,S,V], past)
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, object], tuple[np.ndarray, object]]
 # reorder(past, indices [N]) -> past
@@ -32,6 +34,18 @@ class GenerationSettings:
     min_length: int = 1
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
+
+    @classmethod
+    def from_manifest(cls, generation: dict, **overrides) -> GenerationSettings:
+        """A bundle manifest's `generation` section with the non-None `overrides` applied
+        (range-checked by `check_generate`: SalmonnError naming the value)."""
+        check_generate(overrides, overrides=True)
+        g = generation
+        values = dict(max_new_tokens=g["max_new_tokens"], num_beams=g["num_beams"], eos_token_ids=g["eos_token_id"],
+                      pad_token_id=g["pad_token_id"], min_length=g["min_length"],
+                      repetition_penalty=g["repetition_penalty"], length_penalty=g["length_penalty"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

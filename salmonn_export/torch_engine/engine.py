@@ -24,7 +24,7 @@ import torch
 from salmonn_export.audio import load_audio
 from salmonn_export.bundle import read_manifest
 from salmonn_export.errors import SalmonnError
-from salmonn_export.runtime.engine import BundleTokenizer
+from salmonn_export.runtime.engine import BundleTokenizer, decode_texts
 from salmonn_export.runtime.generation import GenerationSettings, generate
 from salmonn_export.tasks import templated_prompt
 from salmonn_export.torch_engine.encoders import SpeechEncoders
@@ -173,12 +173,7 @@ class TorchEngine:
         return self.llm.embed(torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device))[:, None, :]
 
     def generation_settings(self, **overrides) -> GenerationSettings:
-        g = self.manifest["generation"]
-        values = dict(max_new_tokens=g["max_new_tokens"], num_beams=g["num_beams"], eos_token_ids=g["eos_token_id"],
-                      pad_token_id=g["pad_token_id"], min_length=g["min_length"],
-                      repetition_penalty=g["repetition_penalty"], length_penalty=g["length_penalty"])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return GenerationSettings(**values)
+        return GenerationSettings.from_manifest(self.manifest["generation"], **overrides)
 
     def generate_ids(self, embeds: torch.Tensor, mask: np.ndarray, **overrides) -> np.ndarray:
         """Greedy or beam search exactly as the ONNX engine runs it; token ids [B, L]."""
@@ -187,8 +182,7 @@ class TorchEngine:
         return generate(host, mask, settings, self._step(settings.max_new_tokens), self.reorder, self.embed_ids)
 
     def decode(self, ids: np.ndarray) -> list[str]:
-        end_sym = self.manifest["generation"]["end_sym"]
-        return [self.tokenizer.decode(row).split(end_sym)[0].lower() for row in ids]
+        return decode_texts(self.tokenizer, ids, self.manifest["generation"]["end_sym"])
 
     # ------------------------------------------------------------------ end to end
 
