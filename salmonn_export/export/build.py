@@ -19,7 +19,7 @@ import torch
 
 from salmonn_export import __version__
 from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
-from salmonn_export.dataset import DataSource, choose_data
+from salmonn_export.dataset import DataSource
 from salmonn_export.errors import SalmonnError
 from salmonn_export.export.decoder_graph import build_decoder_graph
 from salmonn_export.export.llm_quantization import quantize_llm
@@ -31,8 +31,7 @@ from salmonn_export.export.onnx_export import (
     validate_component,
 )
 from salmonn_export.export.specs import ExportSpec, beats_spec, decoder_spec, qformer_spec, whisper_spec
-from salmonn_export.export.stages import StageLog  # noqa: F401  (re-exported: shared with the torch target)
-from salmonn_export.files import atomic_dir
+from salmonn_export.export.stages import StageLog, build_atomically
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
@@ -104,16 +103,9 @@ def _library_versions() -> dict[str, str]:
 def build_bundle(config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog | None = None) -> dict:
     """Build a bundle; returns the build report (also written as build_report.json)."""
     log = log or StageLog()
-    out = options.out.expanduser().resolve()
-    if out.exists() and not options.force:
-        raise SalmonnError("bundle already exists (use --force to replace it)", out)
-    calib_data = None
-    if recipe.llm.weights is not None:  # chosen before the slow load: a missing source stops the build at once
-        calib_data = choose_data(load_config(config_path), options.calib, "--calib", "calibration")
-    with atomic_dir(out, force=True, what="bundle") as tmp:
-        report = _build_into(tmp, config_path, recipe, options, log, calib_data)
-    report["bundle"] = str(out)
-    return report
+    # quantized recipes calibrate on data (RTN's only feeds the KL check, which the ONNX build reports)
+    return build_atomically(options.out, options.force, config_path, options.calib, recipe.llm.weights is not None,
+                            lambda tmp, calib_data: _build_into(tmp, config_path, recipe, options, log, calib_data))
 
 
 def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog,

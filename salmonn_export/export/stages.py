@@ -1,4 +1,5 @@
-"""Build stage timing shared by both build targets (ONNX and torch); imports neither onnx nor torch."""
+"""What both build targets (ONNX and torch) share around their stages: timing, and writing the bundle
+atomically after the data is chosen. Imports neither onnx nor torch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from salmonn_export.dataset import DataSource, choose_data
+from salmonn_export.errors import SalmonnError
+from salmonn_export.files import atomic_dir
+from salmonn_export.model.config import load_config
 
 
 @dataclass
@@ -24,3 +31,21 @@ class StageLog:
         t0 = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+def build_atomically(out: Path, force: bool, config_path: Path, calib: Path | None, needs_data: bool,
+                     build_into: Callable[[Path, DataSource | None], dict]) -> dict:
+    """Run `build_into(temp_folder, calibration_data)` and rename the folder to `out` when it returns.
+
+    The calibration data (when `needs_data`) is chosen before any slow work, so a missing source stops
+    the build at once. Raises SalmonnError for an existing `out` without `force` or missing data.
+    Returns the build report with its final `bundle` path.
+    """
+    out = out.expanduser().resolve()
+    if out.exists() and not force:
+        raise SalmonnError("bundle already exists (use --force to replace it)", out)
+    calib_data = choose_data(load_config(config_path), calib, "--calib", "calibration") if needs_data else None
+    with atomic_dir(out, force=True, what="bundle") as tmp:
+        report = build_into(tmp, calib_data)
+    report["bundle"] = str(out)
+    return report

@@ -22,12 +22,10 @@ from safetensors.torch import save_file
 
 from salmonn_export import __version__
 from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, write_json
-from salmonn_export.dataset import DataSource, choose_data
-from salmonn_export.errors import SalmonnError
+from salmonn_export.dataset import DataSource
 from salmonn_export.export.llm_quantization import quantize_llm
 from salmonn_export.export.matmul_nbits import pack_codes
-from salmonn_export.export.stages import StageLog
-from salmonn_export.files import atomic_dir
+from salmonn_export.export.stages import StageLog, build_atomically
 from salmonn_export.model.config import load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
@@ -77,16 +75,9 @@ def build_torch_bundle(config_path: Path, recipe: Recipe, options: TorchBuildOpt
     written as build_report.json). Raises SalmonnError for an existing bundle without `force` or
     missing calibration data (chosen as the ONNX build chooses it, before the slow load)."""
     log = log or StageLog()
-    out = options.out.expanduser().resolve()
-    if out.exists() and not options.force:
-        raise SalmonnError("bundle already exists (use --force to replace it)", out)
-    calib_data = None
-    if recipe.needs_calibration:  # RTN needs no data (the ONNX build's calibration only feeds its KL report)
-        calib_data = choose_data(load_config(config_path), options.calib, "--calib", "calibration")
-    with atomic_dir(out, force=True, what="bundle") as tmp:
-        report = _build_into(tmp, config_path, recipe, options, log, calib_data)
-    report["bundle"] = str(out)
-    return report
+    # RTN needs no data here (the ONNX build's calibration only feeds its KL report)
+    return build_atomically(options.out, options.force, config_path, options.calib, recipe.needs_calibration,
+                            lambda tmp, calib_data: _build_into(tmp, config_path, recipe, options, log, calib_data))
 
 
 def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchBuildOptions, log: StageLog,
