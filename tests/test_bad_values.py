@@ -9,31 +9,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from test_cli_conventions import assert_one_line_error, cli  # tests/ is on sys.path
 
 from salmonn_export.audio import MAX_ABS_SAMPLE, load_clip, load_clip_bytes
-from salmonn_export.cli import app
 from salmonn_export.cli.common import device_check
 from salmonn_export.errors import SalmonnError
 from salmonn_export.generation_rules import MAX_NEW_TOKENS_LIMIT, NUM_BEAMS_LIMIT, check_generate
 from salmonn_export.model.config import parse_config
 
 HUGE = "99999999999999999999999"
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        app(args=[str(a) for a in args], prog_name="salmonn-export")
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, stderr: str, *needles: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture

@@ -34,13 +34,15 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return exit_info.value.code, captured.out, captured.err
 
 
-def assert_one_line_error(code: int, stderr: str, *needles: str) -> None:
+def assert_one_line_error(code: int, stderr: str, *needles: str) -> str:
+    """The promise for bad input: exit 2, one `error:` line holding every needle, no traceback; returns the line."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     assert "Traceback" not in stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 # ------------------------------------------------------------------ item 8: numeric options

@@ -17,31 +17,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_cli_conventions import assert_one_line_error, cli  # tests/ is on sys.path
 
-from salmonn_export.cli import app
 from salmonn_export.errors import SalmonnError
 from salmonn_export.files import atomic_dir, atomic_write_text, check_output_dir, check_output_file
 from salmonn_export.harness.submission import read_submission, write_submission
 
 CSV = "testset_id,text\ntest0000,hello world\ntest0001,good morning\n"
 ROWS = [("test0000", "hello world"), ("test0001", "good morning")]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        app(args=[str(a) for a in args], prog_name="salmonn-export")
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def one_line_error(code: int, stderr: str, *needles: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in lines[0], stderr
-    return lines[0]
 
 
 def _annotation(tmp_path: Path) -> Path:
@@ -68,20 +51,20 @@ def test_merge_onto_a_folder(tmp_path, capsys):  # F1
     target = tmp_path / "existing"
     target.mkdir()
     code, _, stderr = cli(capsys, "merge", *_parts(tmp_path), "--out", target)
-    one_line_error(code, stderr, str(target), "is a folder, not a file")
+    assert_one_line_error(code, stderr, str(target), "is a folder, not a file")
     assert list(target.iterdir()) == [] and _hidden(tmp_path) == []
 
 
 def test_merge_onto_proc(tmp_path, capsys):  # F2
     code, _, stderr = cli(capsys, "merge", *_parts(tmp_path), "--out", "/proc/x.csv")
-    one_line_error(code, stderr, "/proc/x.csv", "cannot write here")
+    assert_one_line_error(code, stderr, "/proc/x.csv", "cannot write here")
 
 
 def test_merge_under_a_file(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, stderr = cli(capsys, "merge", *_parts(tmp_path), "--out", blocker / "sub.csv")
-    one_line_error(code, stderr, str(blocker / "sub.csv"), "is a file, not a folder")
+    assert_one_line_error(code, stderr, str(blocker / "sub.csv"), "is a file, not a folder")
 
 
 def test_merge_into_a_new_folder_still_works(tmp_path, capsys):
@@ -97,7 +80,7 @@ def test_eval_onto_a_folder_checks_before_any_work(tmp_path, capsys):  # F3
     target.mkdir()
     code, _, stderr = cli(capsys, "eval", "--task", "asr", "--engine", tmp_path / "no-engine",
                           "--annotation", _annotation(tmp_path), "--out", target)
-    one_line_error(code, stderr, str(target), "is a folder, not a file")
+    assert_one_line_error(code, stderr, str(target), "is a folder, not a file")
     assert list(target.iterdir()) == []
     assert not list(tmp_path.glob("*.partial.jsonl"))
 
@@ -105,7 +88,7 @@ def test_eval_onto_a_folder_checks_before_any_work(tmp_path, capsys):  # F3
 def test_eval_onto_proc(tmp_path, capsys):
     code, _, stderr = cli(capsys, "eval", "--task", "asr", "--engine", tmp_path / "no-engine",
                           "--annotation", _annotation(tmp_path), "--out", "/proc/x.csv")
-    one_line_error(code, stderr, "/proc/x.csv", "cannot write here")
+    assert_one_line_error(code, stderr, "/proc/x.csv", "cannot write here")
 
 
 def test_verify_report_onto_a_folder(tmp_path, capsys):  # F4
@@ -113,14 +96,14 @@ def test_verify_report_onto_a_folder(tmp_path, capsys):  # F4
     target.mkdir()
     code, _, stderr = cli(capsys, "verify", tmp_path / "no-bundle", "--model", tmp_path / "c.yaml",
                           "--data", _annotation(tmp_path), "--report", target)
-    one_line_error(code, stderr, str(target), "is a folder, not a file")
+    assert_one_line_error(code, stderr, str(target), "is a folder, not a file")
 
 
 def test_bench_out_onto_a_folder(tmp_path, capsys):
     target = tmp_path / "existing"
     target.mkdir()
     code, _, stderr = cli(capsys, "bench", tmp_path / "no-bundle", "--out", target)
-    one_line_error(code, stderr, str(target), "is a folder, not a file")
+    assert_one_line_error(code, stderr, str(target), "is a folder, not a file")
 
 
 @pytest.mark.parametrize("writer", ["atomic_write_text", "write_submission"])
@@ -159,9 +142,9 @@ def test_folder_commands_onto_a_file(tmp_path, capsys, command):  # F-weak
     target = tmp_path / "empty-file"
     target.write_text("")
     code, _, stderr = cli(capsys, command, target)
-    one_line_error(code, stderr, str(target), "is a file, not a folder")
+    assert_one_line_error(code, stderr, str(target), "is a file, not a folder")
     code, _, stderr = cli(capsys, command, target, "--force")
-    one_line_error(code, stderr, str(target), "is a file, not a folder")
+    assert_one_line_error(code, stderr, str(target), "is a file, not a folder")
     assert target.is_file() and _hidden(tmp_path) == []
 
 
@@ -169,7 +152,7 @@ def test_build_out_onto_a_file(tmp_path, capsys):
     target = tmp_path / "bundle"
     target.write_text("")
     code, _, stderr = cli(capsys, "build", "--out", target)
-    one_line_error(code, stderr, str(target), "is a file, not a folder")
+    assert_one_line_error(code, stderr, str(target), "is a file, not a folder")
 
 
 def test_atomic_dir_under_proc_and_under_a_file(tmp_path):
@@ -237,7 +220,7 @@ def test_compressed_file_not_named_so_is_refused_clearly(tmp_path, capsys, compr
     path = tmp_path / "sub.csv"
     path.write_bytes(compress(CSV.encode()))
     code, _, stderr = cli(capsys, "score", "--task", "asr", "--submission", path, "--annotation", _annotation(tmp_path))
-    line = one_line_error(code, stderr, str(path), f"looks {kind}-compressed")
+    line = assert_one_line_error(code, stderr, str(path), f"looks {kind}-compressed")
     assert "byte 0x" not in line
 
 
@@ -245,7 +228,7 @@ def test_named_compressed_but_is_not(tmp_path, capsys):
     path = tmp_path / "sub.csv.gz"
     path.write_text(CSV)
     code, _, stderr = cli(capsys, "merge", path, "--out", tmp_path / "out.csv")
-    one_line_error(code, stderr, str(path), "cannot be decompressed")
+    assert_one_line_error(code, stderr, str(path), "cannot be decompressed")
 
 
 def test_zst_needs_zstandard(tmp_path):
