@@ -31,7 +31,7 @@ from salmonn_export.export.onnx_export import (
     validate_component,
 )
 from salmonn_export.export.specs import ExportSpec, beats_spec, decoder_spec, qformer_spec, whisper_spec
-from salmonn_export.export.stages import StageLog, build_atomically
+from salmonn_export.export.stages import StageLog, build_atomically, model_sections
 from salmonn_export.model.config import SalmonnConfig, load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
@@ -178,25 +178,13 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
             from salmonn_export.export.tensorrt import build_trt_engines
 
             trt_info = build_trt_engines(bundle, components, recipe.trt)
-    lcfg = llm.config
-    tok = salmonn.llama_tokenizer
-    eos = salmonn.causal_lm.generation_config.eos_token_id
     manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "salmonn-export", "version": __version__},
         "recipe": recipe.to_dict(),
         "source": {"config": str(cfg.path), "sha256": _source_hashes(cfg)},
         "components": components,
-        "llm": {"layers": lcfg.num_hidden_layers, "hidden": lcfg.hidden_size, "heads": lcfg.num_attention_heads,
-                "kv_heads": lcfg.num_key_value_heads,
-                "head_dim": getattr(lcfg, "head_dim", None) or lcfg.hidden_size // lcfg.num_attention_heads,
-                "vocab": int(llm.get_input_embeddings().weight.shape[0]), "lora_merge_max_abs_logit_diff": lora_error},
-        "tokenizer": {"folder": "tokenizer", "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
-                      "len": len(tok)},
-        "generation": {**vars(cfg.generate), "pad_token_id": salmonn.causal_lm.config.eos_token_id,
-                       "eos_token_id": eos if isinstance(eos, list) else [eos]},
-        "prompts": {"template": cfg.model.prompt_template, "test_prompts": salmonn.test_prompts,
-                    "placeholder": "<SpeechHere>"},
+        **model_sections(cfg, salmonn, llm, lora_error),
         "audio": {"sample_rate": 16000, "max_seconds": 30, "min_seconds": 1, "resampler": "soxr_hq",
                   "whisper": {"n_fft": fe.n_fft, "hop_length": fe.hop_length, "n_mels": fe.feature_size,
                               "n_samples": fe.n_samples, "mel_filters": "mel_filters.npy"},

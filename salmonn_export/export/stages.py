@@ -49,3 +49,24 @@ def build_atomically(out: Path, force: bool, config_path: Path, calib: Path | No
         report = build_into(tmp, calib_data)
     report["bundle"] = str(out)
     return report
+
+
+def model_sections(cfg, salmonn, llm, lora_error: float) -> dict:
+    """The manifest sections every target writes alike: `llm` shapes, `tokenizer`, `generation` (the
+    config's `generate:` with the LLM's pad/eos ids) and `prompts`. `cfg` is the SalmonnConfig,
+    `salmonn` the loaded reference, `llm` its merged LLM, `lora_error` the merge's max logit diff."""
+    lcfg = llm.config
+    tok = salmonn.llama_tokenizer
+    eos = salmonn.causal_lm.generation_config.eos_token_id
+    return {
+        "llm": {"layers": lcfg.num_hidden_layers, "hidden": lcfg.hidden_size, "heads": lcfg.num_attention_heads,
+                "kv_heads": lcfg.num_key_value_heads,
+                "head_dim": getattr(lcfg, "head_dim", None) or lcfg.hidden_size // lcfg.num_attention_heads,
+                "vocab": int(llm.get_input_embeddings().weight.shape[0]), "lora_merge_max_abs_logit_diff": lora_error},
+        "tokenizer": {"folder": "tokenizer", "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+                      "len": len(tok)},
+        "generation": {**vars(cfg.generate), "pad_token_id": salmonn.causal_lm.config.eos_token_id,
+                       "eos_token_id": eos if isinstance(eos, list) else [eos]},
+        "prompts": {"template": cfg.model.prompt_template, "test_prompts": salmonn.test_prompts,
+                    "placeholder": "<SpeechHere>"},
+    }

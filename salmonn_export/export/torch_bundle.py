@@ -25,7 +25,7 @@ from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, write_jso
 from salmonn_export.dataset import DataSource
 from salmonn_export.export.llm_quantization import quantize_llm
 from salmonn_export.export.matmul_nbits import pack_codes
-from salmonn_export.export.stages import StageLog, build_atomically
+from salmonn_export.export.stages import StageLog, build_atomically, model_sections
 from salmonn_export.model.config import load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
@@ -109,8 +109,6 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchB
                 f.unlink()
         salmonn.feature_extractor.save_pretrained(str(bundle / "whisper_preprocessor"))
     lcfg = llm.config
-    tok = salmonn.llama_tokenizer
-    eos = salmonn.causal_lm.generation_config.eos_token_id
     weights = recipe.llm.weights
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -128,16 +126,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchB
             "llm_config": lcfg.to_dict(), "tied_embeddings": "lm_head.weight" not in tensors and "lm_head" not in quant_layers,
             "quantized_layers": quant_layers,
         },
-        "llm": {"layers": lcfg.num_hidden_layers, "hidden": lcfg.hidden_size, "heads": lcfg.num_attention_heads,
-                "kv_heads": lcfg.num_key_value_heads,
-                "head_dim": getattr(lcfg, "head_dim", None) or lcfg.hidden_size // lcfg.num_attention_heads,
-                "vocab": int(llm.get_input_embeddings().weight.shape[0]), "lora_merge_max_abs_logit_diff": lora_error},
-        "tokenizer": {"folder": "tokenizer", "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
-                      "len": len(tok)},
-        "generation": {**vars(cfg.generate), "pad_token_id": salmonn.causal_lm.config.eos_token_id,
-                       "eos_token_id": eos if isinstance(eos, list) else [eos]},
-        "prompts": {"template": cfg.model.prompt_template, "test_prompts": salmonn.test_prompts,
-                    "placeholder": "<SpeechHere>"},
+        **model_sections(cfg, salmonn, llm, lora_error),
         "qformer": {"window": salmonn.window, "stride": salmonn.stride, "speech_tokens": salmonn.speech_tokens},
         "quantization": None if quant is None else {
             "method": weights.method, "bits": weights.bits, "group_size": weights.group_size,
