@@ -66,6 +66,12 @@ def build(
     seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX), help="Seed for calibration order and dummy inputs.")] = 0,
     target: Annotated[str, typer.Option(help="onnx (ONNX graphs for onnxruntime/TensorRT) or torch (safetensors for "
                                              "the PyTorch engine: CUDA graphs + int4 kernels; no onnx needed).")] = "onnx",
+    cache_dir: Annotated[Path | None, typer.Option(
+        "--cache-dir", help="Quantization cache: calibration sequences, reference log-probs and each GPTQ layer as it "
+                            "finishes, so an interrupted build resumes and recipes sharing a weight format (w4a16, "
+                            "w4a8, w4a16-lmhead) run GPTQ once. Default: quantization/ in $SALMONN_EXPORT_CACHE or "
+                            "~/.cache/salmonn-export; ~1 byte per LLM weight.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute everything; read and write no cache.")] = False,
     as_json: JsonOpt = False,
 ):
     """Build an engine bundle: merge LoRA, quantize the LLM, export every component to ONNX, validate.
@@ -93,6 +99,9 @@ def build(
     from salmonn_export.files import check_output_dir
 
     check_output_dir(out_dir, "bundle")  # before anything is built
+    from salmonn_export.transforms.quant_cache import default_cache_dir
+
+    cache = None if no_cache else (cache_dir or default_cache_dir())
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:
         current = {"task": None}
@@ -110,12 +119,12 @@ def build(
             from salmonn_export.export.torch_bundle import TorchBuildOptions, build_torch_bundle
 
             report = build_torch_bundle(config, rec, TorchBuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
-                                                                       force=force, seed=seed), log)
+                                                                       force=force, seed=seed, cache_dir=cache), log)
         else:
             from salmonn_export.export.build import BuildOptions, build_bundle
 
             report = build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
-                                                            force=force, trt=trt, seed=seed), log)
+                                                            force=force, trt=trt, seed=seed, cache_dir=cache), log)
         if current["task"] is not None:
             progress.update(current["task"], completed=1, total=1)
     if as_json:
@@ -129,6 +138,11 @@ def build(
         return
     for name, v in report["validation"].items():
         out.print(f"  {name:16s} {report['sizes'][name] / 1e6:8.2f} MB  max rel err {v['max_rel']:.2e}  cosine {v['cosine']:.8f}")
+    cache_use = report.get("quantization_cache")
+    if cache_use:
+        reused = [k for k in ("sequences", "reference_log_probs") if cache_use.get(k) == "read"]
+        out.print(f"  quantization cache {cache_use['folder']}: "
+                  f"{', '.join(reused) + ' and ' if reused else ''}{cache_use['gptq_entries_read']} GPTQ entries reused")
     if report["quantization_eval"]:
         q = report["quantization_eval"]
         out.print(f"  LLM vs fp32 on calibration: KL {q['mean_kl']:.4g}, top-1 agreement {q['top1_agreement']:.3f}")

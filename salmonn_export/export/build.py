@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from salmonn_export import __version__
-from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, sha256_file, write_json
+from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, write_json
 from salmonn_export.dataset import DataSource
 from salmonn_export.errors import SalmonnError
 from salmonn_export.export.decoder_graph import build_decoder_graph
@@ -31,11 +31,12 @@ from salmonn_export.export.onnx_export import (
     validate_component,
 )
 from salmonn_export.export.specs import ExportSpec, beats_spec, decoder_spec, qformer_spec, whisper_spec
-from salmonn_export.export.stages import StageLog, build_atomically, model_sections
-from salmonn_export.model.config import SalmonnConfig, load_config
+from salmonn_export.export.stages import StageLog, build_atomically, model_sections, source_hashes, write_tokenizer
+from salmonn_export.model.config import load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
 from salmonn_export.transforms.lora import merge_in_place
+from salmonn_export.transforms.quant_cache import QuantCache
 
 FP16_MAX_REL = 0.1  # fp16 graphs: judged mainly by cosine (outliers in large logits dominate max error)
 FP16_MIN_COSINE = 0.999
@@ -49,20 +50,7 @@ class BuildOptions:
     force: bool = False
     trt: bool = False
     seed: int = 0
-
-
-def _source_hashes(cfg: SalmonnConfig) -> dict[str, str]:
-    m = cfg.model
-    hashes = {"config": sha256_file(cfg.path)} if cfg.path else {}
-    for label, value in (("ckpt", m.ckpt), ("beats", m.beats_path)):
-        if value:
-            hashes[label] = sha256_file(cfg.resolve(value))
-    for label, value in (("whisper", m.whisper_path), ("llm", m.llama_path)):
-        folder = cfg.resolve(value)
-        for f in sorted(folder.iterdir()):
-            if f.is_file():
-                hashes[f"{label}/{f.name}"] = sha256_file(f)
-    return hashes
+    cache_dir: Path | None = None  # quantization cache (transforms.quant_cache); None: off
 
 
 def _io_signature(path: Path) -> tuple[list[dict], list[dict]]:
@@ -117,7 +105,9 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
     with log.stage("merge LoRA"):
         llm, lora_error = merge_in_place(salmonn)  # no copy of the LLM (12.8 GB for a 3B in fp32)
     weights = recipe.llm.weights
-    quantized = quantize_llm(salmonn, llm, recipe, calib_data, log, calib_samples=options.calib_samples)
+    hashes = source_hashes(cfg)
+    quantized = quantize_llm(salmonn, llm, recipe, calib_data, log, calib_samples=options.calib_samples,
+                             cache=QuantCache(options.cache_dir), model_hashes=hashes)
     quant, calib_info, quant_eval = quantized.quant, quantized.calibration, quantized.evaluation
     embed_scale = float(salmonn.embed_tokens(torch.arange(min(256, len(salmonn.llama_tokenizer)))).std())
     specs: list[ExportSpec] = [whisper_spec(salmonn)]
@@ -159,11 +149,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
             "bytes": path.stat().st_size + (bundle / (path.name + ".data")).stat().st_size, **extra,
         }
     with log.stage("tokenizer, embeddings, audio front end"):
-        tok_dir = bundle / "tokenizer"
-        salmonn.llama_tokenizer.save_pretrained(str(tok_dir))
-        for f in tok_dir.iterdir():  # keep only what the runtime reads
-            if f.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                f.unlink()
+        write_tokenizer(salmonn.llama_tokenizer, bundle / "tokenizer")
         np.save(bundle / "embed_tokens.npy", llm.get_input_embeddings().weight.detach().float().numpy())
         fe = salmonn.feature_extractor
         np.save(bundle / "mel_filters.npy", np.asarray(fe.mel_filters, dtype=np.float64))
@@ -182,7 +168,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
         "format_version": FORMAT_VERSION,
         "tool": {"name": "salmonn-export", "version": __version__},
         "recipe": recipe.to_dict(),
-        "source": {"config": str(cfg.path), "sha256": _source_hashes(cfg)},
+        "source": {"config": str(cfg.path), "sha256": hashes},
         "components": components,
         **model_sections(cfg, salmonn, llm, lora_error),
         "audio": {"sample_rate": 16000, "max_seconds": 30, "min_seconds": 1, "resampler": "soxr_hq",
@@ -213,6 +199,7 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
               "sizes": manifest["sizes"], "bundle_bytes": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
               "validation": {k: {m: v["validation"][m] for m in ("max_abs", "max_rel", "cosine")} for k, v in components.items()},
               "lora_merge_max_abs_logit_diff": lora_error, "quantization_eval": quant_eval, "tensorrt": trt_info,
+              "quantization_cache": quantized.cache,
               "warnings": cfg.warnings}
     write_json(bundle / "build_report.json", report)
     return report

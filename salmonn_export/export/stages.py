@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from salmonn_export.bundle import sha256_file
 from salmonn_export.dataset import DataSource, choose_data
 from salmonn_export.errors import SalmonnError
 from salmonn_export.files import atomic_dir
@@ -70,3 +71,39 @@ def model_sections(cfg, salmonn, llm, lora_error: float) -> dict:
         "prompts": {"template": cfg.model.prompt_template, "test_prompts": salmonn.test_prompts,
                     "placeholder": "<SpeechHere>"},
     }
+
+
+def source_hashes(cfg) -> dict[str, str]:
+    """sha256 of the config, checkpoint, BEATs file and every file of the Whisper and LLM folders
+    (the manifest's `source.sha256`, and the quantization cache's model key). `cfg`: SalmonnConfig."""
+    m = cfg.model
+    hashes = {"config": sha256_file(cfg.path)} if cfg.path else {}
+    for label, value in (("ckpt", m.ckpt), ("beats", m.beats_path)):
+        if value:
+            hashes[label] = sha256_file(cfg.resolve(value))
+    for label, value in (("whisper", m.whisper_path), ("llm", m.llama_path)):
+        folder = cfg.resolve(value)
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                hashes[f"{label}/{f.name}"] = sha256_file(f)
+    return hashes
+
+
+RUNTIME_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_tokenizer(tokenizer, folder: Path) -> None:
+    """Save the LLM's (fast) tokenizer as the runtime reads it: only RUNTIME_TOKENIZER_FILES, and a
+    tokenizer.json without padding or truncation. A fast tokenizer keeps the padding a batched call
+    last enabled on its backend and `save_pretrained` writes it, so without this the file depended on
+    what the build had tokenized before (a cached calibration gave a different bundle)."""
+    from tokenizers import Tokenizer
+
+    tokenizer.save_pretrained(str(folder))
+    for f in folder.iterdir():
+        if f.name not in RUNTIME_TOKENIZER_FILES:
+            f.unlink()
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(folder / "tokenizer.json"))

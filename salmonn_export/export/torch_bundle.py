@@ -25,11 +25,12 @@ from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, write_jso
 from salmonn_export.dataset import DataSource
 from salmonn_export.export.llm_quantization import quantize_llm
 from salmonn_export.export.matmul_nbits import pack_codes
-from salmonn_export.export.stages import StageLog, build_atomically, model_sections
+from salmonn_export.export.stages import StageLog, build_atomically, model_sections, write_tokenizer
 from salmonn_export.model.config import load_config
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Recipe
 from salmonn_export.transforms.lora import merge_in_place
+from salmonn_export.transforms.quant_cache import QuantCache
 from salmonn_export.transforms.quantize import QuantResult
 
 TARGET = "torch"
@@ -46,6 +47,7 @@ class TorchBuildOptions:
     calib_samples: int | None = None
     force: bool = False
     seed: int = 0
+    cache_dir: Path | None = None  # quantization cache (transforms.quant_cache); None: off
 
 
 def llm_tensors(llm: torch.nn.Module, quant: QuantResult | None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -96,17 +98,14 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchB
     with log.stage("merge LoRA"):
         llm, lora_error = merge_in_place(salmonn)
     # RTN needs no data here: the ONNX build's calibration only feeds its KL check
-    quantized = quantize_llm(salmonn, llm, recipe, calib_data, log, calib_samples=options.calib_samples, evaluate=False)
+    quantized = quantize_llm(salmonn, llm, recipe, calib_data, log, calib_samples=options.calib_samples, evaluate=False,
+                             cache=QuantCache(options.cache_dir))
     quant, calib_info = quantized.quant, quantized.calibration
     with log.stage("write LLM"):
         tensors, quant_layers = llm_tensors(llm, quant)
         save_file(tensors, str(bundle / "llm.safetensors"))
     with log.stage("tokenizer, feature extractor"):
-        tok_dir = bundle / "tokenizer"
-        salmonn.llama_tokenizer.save_pretrained(str(tok_dir))
-        for f in tok_dir.iterdir():
-            if f.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                f.unlink()
+        write_tokenizer(salmonn.llama_tokenizer, bundle / "tokenizer")
         salmonn.feature_extractor.save_pretrained(str(bundle / "whisper_preprocessor"))
     lcfg = llm.config
     weights = recipe.llm.weights
@@ -144,7 +143,8 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchB
     report = {"recipe": recipe.name, "target": TARGET, "seconds": log.seconds,
               "total_seconds": round(sum(log.seconds.values()), 3), "sizes": manifest["sizes"],
               "bundle_bytes": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
-              "lora_merge_max_abs_logit_diff": lora_error, "warnings": cfg.warnings}
+              "lora_merge_max_abs_logit_diff": lora_error, "quantization_cache": quantized.cache,
+              "warnings": cfg.warnings}
     write_json(bundle / "build_report.json", report)
     return report
 

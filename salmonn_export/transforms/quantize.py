@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from salmonn_export.recipes import WeightQuant
+from salmonn_export.transforms.quant_cache import LayerStore
 
 
 @dataclass
@@ -188,6 +189,7 @@ def quantize_model(
     calibration: list[dict[str, torch.Tensor]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     release_weights: bool = False,
+    store: LayerStore | None = None,
 ) -> QuantResult:
     """Quantize `model`'s Linear layers in place and return the codes.
 
@@ -205,6 +207,10 @@ def quantize_model(
     A quantized `lm_head` is calibrated on the final-norm outputs of the quantized stack.
     Per-layer errors: relative weight error, and for GPTQ the relative output error on the
     calibration inputs, ‖X(W−Ŵ)ᵀ‖/‖XWᵀ‖ computed through the Hessian.
+
+    With a `store` (quant_cache.LayerStore), each decoder layer's results and the hidden states after
+    it are saved as it finishes; a later call with the same store skips every stored layer (and the
+    stored lm_head) and continues from the stored hidden states, with bit-identical results.
     """
     t0 = time.perf_counter()
     result = QuantResult()
@@ -265,28 +271,54 @@ def quantize_model(
                 pass
     finally:
         handle.remove()
-    for layer in layers:
-        names = [n for n, m in linears.items() if any(m is mm for mm in layer.modules())]
+    layer_names = [[n for n, m in linears.items() if any(m is mm for mm in layer.modules())] for layer in layers]
+    start = 0
+    resumed = store.latest_hidden() if store is not None else None
+    if resumed is not None and len(resumed[1]) == len(captured):
+        done = [store.load_layer(i, layer_names[i]) for i in range(resumed[0] + 1)]
+        if all(entry is not None for entry in done):
+            for entry in done:
+                for n, (ql, errors) in entry.items():
+                    finish(n, ql, errors)
+            captured = [((hidden,) + tuple(args[1:]), kwargs) for hidden, (args, kwargs) in zip(resumed[1], captured)]
+            start = resumed[0] + 1
+    for index in range(start, len(layers)):
+        layer, names = layers[index], layer_names[index]
+        stored = store.load_layer(index, names) if store is not None else None
+        if stored is not None:
+            for n, (ql, errors) in stored.items():
+                finish(n, ql, errors)
+            names = []
         accumulators = {n: HessianAccumulator(linears[n].in_features) for n in names}
         handles = [linears[n].register_forward_hook(accumulators[n].hook) for n in names]
-        for args, kwargs in captured:
-            layer(*args, **kwargs)
+        if names:
+            for args, kwargs in captured:
+                layer(*args, **kwargs)
         for h in handles:
             h.remove()
         gptq_all(names, {n: a.hessian for n, a in accumulators.items()})
         del accumulators
+        if store is not None and names:
+            store.save_layer(index, {n: (result.layers[n], result.errors[n]) for n in layer_names[index]})
         outputs = []
         for args, kwargs in captured:
             out = layer(*args, **kwargs)
             outputs.append(((out[0] if isinstance(out, tuple) else out,) + tuple(args[1:]), kwargs))
         captured = outputs
+        if store is not None:
+            store.save_hidden(index, [args[0] for args, _kwargs in captured])
     head = [n for n in linears if n.split(".")[-1] == "lm_head"]
-    if head:  # calibrated on what it sees: the final norm of the quantized stack's outputs
+    stored_head = store.load_module(head[0]) if head and store is not None else None
+    if stored_head is not None:
+        finish(head[0], *stored_head)
+    elif head:  # calibrated on what it sees: the final norm of the quantized stack's outputs
         norm = _final_norm(model)
         acc = HessianAccumulator(linears[head[0]].in_features)
         for args, _kwargs in captured:
             acc.hook(None, (norm(args[0]),), None)
         gptq_all(head, {head[0]: acc.hessian})
+        if store is not None:
+            store.save_module(head[0], (result.layers[head[0]], result.errors[head[0]]))
     for n in list(linears):  # Linear layers outside the decoder stack (none for Llama): RTN
         module = linears[n]
         ql = rtn(module.weight, _for_layer(q, module.in_features))

@@ -1,0 +1,162 @@
+"""A resumable, shareable store for the slow part of a quantized build.
+
+At real size the LLM quantization stage dominates a build (challenge-1b on 2 cores: calibration
+through Whisper-large ~4 min, reference log-probs ~2 min, GPTQ 1–6 min per decoder layer). This
+store keeps, in one folder per key:
+
+- `calibration/<key>/`: the calibration sequences and the merged LLM's reference log-probs, keyed by
+  the model's files, the calibration data and the recipe's calibration settings;
+- `gptq/<key>/`: each decoder layer's codes, scales and errors as soon as it is quantized, plus the
+  hidden states after the last finished layer, keyed by the calibration key and the weight format
+  (bits, group size, act-order, symmetry, damping; not the MatMulNBits accuracy level, which does
+  not change the codes).
+
+So an interrupted build resumes at the first unfinished layer, and recipes that share a weight
+format share its layers: w4a16, w4a8 and w4a16-lmhead run GPTQ over the decoder stack once.
+Resumed results are bit-identical to an uninterrupted run (tests/test_quant_cache.py): the
+hidden states are stored in the dtype they were computed in and GPTQ is deterministic.
+
+Every entry is written to a temporary name and renamed, so an interruption never leaves a partial
+entry; a key folder that does not match what is asked is simply never read. Disk use: 1 byte per
+quantized weight (≈1 GB for Llama-3.2-1B, 3 GB for 3B) plus the log-probs (positions × vocab × 4 B).
+Delete the folder (or pass `--no-cache`) to start over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from salmonn_export.recipes import WeightQuant
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """`quantization/` under the tool's cache folder (`$SALMONN_EXPORT_CACHE`, else the platform's user
+    cache folder, ~/.cache/salmonn-export on Linux), beside the materialized demo model."""
+    from salmonn_export.model.demo import cache_root
+
+    return cache_root() / "quantization"
+
+
+def digest(value: object) -> str:
+    """sha256 (first 20 hex digits) of a JSON-serialisable value, keys sorted."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _load(path: Path) -> object | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception:  # an unreadable entry (disk full earlier, another version) is recomputed
+        return None
+
+
+class LayerStore:
+    """GPTQ's per-decoder-layer results for one (calibration, weight format) key.
+
+    `layer_{i}.pt`: {name: (QuantizedLinear, errors)} for the Linears of decoder layer i;
+    `hidden_{i}.pt`: the hidden states after layer i (quantized), one tensor per calibration sequence;
+    `{module}.pt` for a Linear outside the stack (the lm_head). Only the newest hidden states are kept.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.read: set[str] = set()  # entries read back (tests and the build report)
+
+    def _ready(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def hits(self) -> int:
+        return len(self.read)
+
+    def load_layer(self, index: int, names: list[str]) -> dict | None:
+        entry = _load(self.folder / f"layer_{index}.pt")
+        if not isinstance(entry, dict) or sorted(entry) != sorted(names):
+            return None
+        self.read.add(f"layer_{index}")
+        return entry
+
+    def save_layer(self, index: int, entry: dict) -> None:
+        self._ready()
+        _save(entry, self.folder / f"layer_{index}.pt")
+
+    def load_module(self, name: str) -> tuple | None:
+        entry = _load(self.folder / f"{name}.pt")
+        if entry is not None:
+            self.read.add(name)
+        return entry
+
+    def save_module(self, name: str, entry: tuple) -> None:
+        self._ready()
+        _save(entry, self.folder / f"{name}.pt")
+
+    def latest_hidden(self) -> tuple[int, list[torch.Tensor]] | None:
+        """(i, hidden states after layer i) for the newest stored i, or None."""
+        indices = sorted((int(p.stem.split("_")[1]) for p in self.folder.glob("hidden_*.pt")), reverse=True)
+        for i in indices:
+            hidden = _load(self.folder / f"hidden_{i}.pt")
+            if isinstance(hidden, list):
+                return i, hidden
+        return None
+
+    def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
+        self._ready()
+        _save(hidden, self.folder / f"hidden_{index}.pt")
+        for old in self.folder.glob("hidden_*.pt"):
+            if old.stem != f"hidden_{index}":
+                old.unlink(missing_ok=True)
+
+
+class QuantCache:
+    """The cache root; `None` as root disables it (every method computes)."""
+
+    def __init__(self, root: Path | None):
+        self.root = None if root is None else Path(root).expanduser().resolve()
+        self.used: dict[str, str] = {}  # what this build read or wrote, for its report
+
+    def calibration_key(self, model_hashes: dict[str, str], data: dict, items: list[Path], settings: object) -> str:
+        """Key of the calibration sequences: model files' sha256, the data record, every item's path,
+        size and mtime, the calibration settings, and the torch version that computed them."""
+        import transformers
+
+        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p),) for p in items]
+        return digest({"format": CACHE_FORMAT, "torch": torch.__version__,
+                       "transformers": transformers.__version__, "model": model_hashes, "data": data,
+                       "items": stats, "settings": asdict(settings)})
+
+    def cached(self, kind: str, key: str, make: Callable[[], object]) -> object:
+        """`make()` once per (kind, key): read back when stored, else computed and stored."""
+        if self.root is None or not key:
+            return make()
+        path = self.root / "calibration" / key / f"{kind}.pt"
+        value = _load(path)
+        self.used[kind] = "read" if value is not None else "written"
+        if value is None:
+            value = make()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save(value, path)
+        return value
+
+    def layer_store(self, calibration_key: str, weights: WeightQuant) -> LayerStore | None:
+        if self.root is None:
+            return None
+        fmt = {k: v for k, v in asdict(weights).items() if k != "accuracy_level"}
+        store = LayerStore(self.root / "gptq" / digest({"calibration": calibration_key, "weights": fmt}))
+        self.used["gptq"] = str(store.folder)
+        return store

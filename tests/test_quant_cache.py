@@ -1,0 +1,149 @@
+"""The quantization cache: an interrupted GPTQ resumes with bit-identical codes, recipes sharing a
+weight format share layers, damaged or mismatched entries are recomputed, and a cached build
+writes the same bundle as an uncached one."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from salmonn_export.recipes import load_recipe
+from salmonn_export.transforms.calibration import build_calibration, calibration_items
+from salmonn_export.transforms.lora import merged_llm
+from salmonn_export.transforms.quant_cache import LayerStore, QuantCache
+from salmonn_export.transforms.quantize import quantize_model
+
+LAYER_LINEARS = 7  # q, k, v, o, gate, up, down per decoder layer of the tiny preset (2 layers)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_model, audio_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calib_qc")
+    for f in audio_dir.glob("*.wav"):
+        if f.name != "broken.wav":
+            shutil.copy(f, folder / f.name)
+    return build_calibration(tiny_model, calibration_items(folder), load_recipe("w4a16").calibration)
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model):
+    return merged_llm(tiny_model)
+
+
+def _same(a, b):
+    assert set(a.layers) == set(b.layers)
+    for n in a.layers:
+        assert torch.equal(a.layers[n].codes, b.layers[n].codes), n
+        assert torch.equal(a.layers[n].scales, b.layers[n].scales), n
+    assert a.errors == b.errors
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after(count):
+    def progress(_name, done, _total):
+        if done == count:
+            raise _Interrupt
+    return progress
+
+
+@pytest.mark.parametrize("stop_at", [LAYER_LINEARS + 3, LAYER_LINEARS, LAYER_LINEARS + 1, 2 * LAYER_LINEARS])
+def test_interrupted_gptq_resumes_bit_identical(merged, calib, tmp_path, stop_at):
+    """Interrupted inside layer 1, at layer 0's last Linear (before the layer is stored), at layer 1's
+    first, or at the last layer's last: the resumed run reads every stored layer and ends with the
+    uninterrupted run's codes, scales and errors."""
+    q = load_recipe("w4a16").llm
+    fresh = quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib)
+    store = LayerStore(tmp_path / "store")
+    with pytest.raises(_Interrupt):
+        quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib, progress=_stop_after(stop_at),
+                       release_weights=True, store=store)
+    finished_layers = (stop_at - 1) // LAYER_LINEARS  # a layer is stored after its last Linear reports
+    store = LayerStore(tmp_path / "store")
+    resumed = quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib, release_weights=True, store=store)
+    assert store.hits == finished_layers
+    _same(fresh, resumed)
+
+
+def test_recipes_sharing_a_weight_format_share_layers(merged, calib, tmp_path):
+    """w4a16 fills the store; w4a16-lmhead (tied head quantized) reads both layers and adds the head;
+    the results equal uncached runs. w4a8 keys to the same layers, w8a16 to others."""
+    cache = QuantCache(tmp_path)
+    w4, head = load_recipe("w4a16").llm, load_recipe("w4a16-lmhead").llm
+    assert cache.layer_store("k", w4.weights).folder == cache.layer_store("k", load_recipe("w4a8").llm.weights).folder
+    assert cache.layer_store("k", w4.weights).folder != cache.layer_store("k", load_recipe("w8a16").llm.weights).folder
+    assert cache.layer_store("k", w4.weights).folder != cache.layer_store("k2", w4.weights).folder
+    quantize_model(copy.deepcopy(merged), w4.weights, w4.skip_modules, calib, store=cache.layer_store("k", w4.weights))
+
+    def tied():
+        model = copy.deepcopy(merged)
+        model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    skip = tuple(s for s in head.skip_modules if s != "lm_head")
+    expected = quantize_model(tied(), head.weights, skip, calib)
+    store = cache.layer_store("k", head.weights)
+    got = quantize_model(tied(), head.weights, skip, calib, store=store)
+    assert store.hits == 2 and "lm_head" in got.layers
+    _same(expected, got)
+    store = cache.layer_store("k", head.weights)
+    again = quantize_model(tied(), head.weights, skip, calib, store=store)
+    assert store.hits == 3  # both layers and the stored head
+    _same(expected, again)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other_names", "hidden_wrong_count"])
+def test_damaged_or_mismatched_entries_are_recomputed(merged, calib, tmp_path, damage):
+    q = load_recipe("w4a16").llm
+    folder = tmp_path / "store"
+    expected = quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib, store=LayerStore(folder))
+    layer0 = folder / "layer_0.pt"
+    if damage == "garbage":
+        layer0.write_bytes(b"not a torch file")
+    elif damage == "truncated":
+        layer0.write_bytes(layer0.read_bytes()[:100])
+    elif damage == "other_names":
+        entry = torch.load(layer0, weights_only=False)
+        torch.save({f"renamed.{k}": v for k, v in entry.items()}, layer0)
+    else:
+        hidden = next(folder.glob("hidden_*.pt"))
+        torch.save(torch.load(hidden, weights_only=False)[:1], hidden)
+    store = LayerStore(folder)
+    got = quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib, store=store)
+    assert store.hits == (2 if damage == "hidden_wrong_count" else 1)  # layer 0 is never taken from a bad entry
+    _same(expected, got)
+
+
+def test_cached_build_writes_the_same_bundle(tiny_dir, audio_dir, tmp_path):
+    """Second build of the same recipe reads the calibration, log-probs and layers back; the bundle's
+    files hash the same as the first (and as an uncached build)."""
+    from typer.testing import CliRunner
+
+    from salmonn_export.cli import app
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for f in sorted(audio_dir.glob("*.wav"))[:3]:
+        if f.name != "broken.wav":
+            shutil.copy(f, calib / f.name)
+    runner = CliRunner()
+    reports = []
+    for name, extra in (("a", ["--cache-dir", str(tmp_path / "cache")]), ("b", ["--cache-dir", str(tmp_path / "cache")]),
+                        ("c", ["--no-cache"])):
+        result = runner.invoke(app, ["build", "--recipe", "w4a16", "--model", str(tiny_dir / "config.yaml"),
+                                     "--calib", str(calib), "--out", str(tmp_path / name), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((tmp_path / name / "build_report.json").read_text()))
+    first, second, uncached = reports
+    assert first["quantization_cache"]["sequences"] == "written" and first["quantization_cache"]["gptq_entries_read"] == 0
+    assert second["quantization_cache"]["sequences"] == "read"
+    assert second["quantization_cache"]["reference_log_probs"] == "read"
+    assert second["quantization_cache"]["gptq_entries_read"] == 2
+    assert uncached["quantization_cache"] is None
+    manifests = [json.loads((tmp_path / n / "manifest.json").read_text()) for n in "abc"]
+    assert manifests[0]["files"] == manifests[1]["files"] == manifests[2]["files"]
+    assert second["quantization_eval"] == first["quantization_eval"]
