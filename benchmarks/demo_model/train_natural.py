@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="artifact folder (default: WORK/artifact)")
     ap.add_argument("--until", choices=STAGES, default="score", help="stop after this stage")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when another heavy job shares the 2 cores)")
     ap.add_argument("--packed", type=int, default=2600, help="packed 29-s training clips")
     ap.add_argument("--single", type=int, default=800, help="single-sentence training clips")
     ap.add_argument("--heldout", type=int, default=100, help="clips in each held-out ASR set")
@@ -134,7 +135,7 @@ def score(work: Path, out: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = (args.out or work / "artifact").expanduser().resolve()
@@ -152,7 +153,8 @@ def main() -> None:
             log(stage, seconds=round(time.time() - t0, 1), **info)
 
     run("data", lambda: natural_data.synthesize(work, args.packed, args.single, args.heldout, args.heldout,
-                                                args.aac_train, args.aac_heldout, args.seed))
+                                                args.aac_train, args.aac_heldout, args.seed,
+                                                workers=args.threads))
 
     def features() -> None:
         from salmonn_export.model.ct2_whisper import convert_ct2_whisper, packaged_tiny_en

@@ -6,7 +6,9 @@ the next run; a bundle already on disk is not rebuilt. Run it in the background:
     nohup nice -n 5 .venv/bin/python benchmarks/real_size/run.py --preset challenge-1b \
         --recipes w4a16 fp32 > /work/realsize/run-1b.log 2>&1 &
 
-Models and bundles live outside the repo (`--root`, default /work/realsize): the preset folder is
+Models, bundles and the quantization cache (ROOT/quant-cache: calibration, log-probs and GPTQ layers,
+so recipes sharing a weight format quantize once and an interrupted build resumes) live outside the
+repo (`--root`, default /work/realsize): the preset folder is
 written there first (`salmonn-export tiny ROOT/PRESET --preset PRESET`) when missing. RSS is
 sampled every 0.2 s with psutil in the process doing the work (one child process per step, so
 peaks do not carry over) and attributed to the stage running at that moment.
@@ -57,7 +59,7 @@ class RssSampler:
         self._thread.join()
 
 
-def _build_one(config: Path, recipe_name: str, out: Path, calib: Path | None, fragment: Path) -> None:
+def _build_one(config: Path, recipe_name: str, out: Path, calib: Path | None, fragment: Path, cache_dir: Path) -> None:
     """Child process: one build, timed and sampled; writes its record to `fragment`."""
     from salmonn_export.export.build import BuildOptions, StageLog, build_bundle
     from salmonn_export.recipes import load_recipe
@@ -73,7 +75,7 @@ def _build_one(config: Path, recipe_name: str, out: Path, calib: Path | None, fr
             print(f"    {done}/{total} {name} (rss {rss.proc.memory_info().rss / 2**30:.2f} GiB)", flush=True)
 
         log = StageLog(on_stage=on_stage, on_progress=on_progress)
-        report = build_bundle(config, load_recipe(recipe_name), BuildOptions(out=out, calib=calib, force=True), log)
+        report = build_bundle(config, load_recipe(recipe_name), BuildOptions(out=out, calib=calib, force=True, cache_dir=cache_dir), log)
     record = {
         "recipe": recipe_name, "wall_seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_gib": round(rss.peak / 2**30, 2),
@@ -82,6 +84,7 @@ def _build_one(config: Path, recipe_name: str, out: Path, calib: Path | None, fr
         "sizes_bytes": report["sizes"], "bundle_bytes": report["bundle_bytes"],
         "validation": report["validation"], "quantization_eval": report["quantization_eval"],
         "lora_merge_max_abs_logit_diff": report["lora_merge_max_abs_logit_diff"], "bundle": str(out),
+        "quantization_cache": report.get("quantization_cache"),
     }
     fragment.write_text(json.dumps(record, indent=1))
 
@@ -184,7 +187,7 @@ def main() -> None:
     ap.add_argument("--fragment", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        _build_one(Path(args.one[0]), args.one[1], Path(args.one[2]), args.calib, args.fragment)
+        _build_one(Path(args.one[0]), args.one[1], Path(args.one[2]), args.calib, args.fragment, args.root / "quant-cache")
         return
     root = args.root
     calib = args.calib or root / "calib-data" / "annotation.json"
@@ -209,7 +212,7 @@ def main() -> None:
             fragment = root / f".{args.preset}-{recipe}.build.json"
             _wait_for_ram(args.min_free_gib)
             print(f"build {args.preset} {recipe} (free {psutil.virtual_memory().available / 2**30:.1f} GiB)", flush=True)
-            rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib),
+            rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib), "--root", str(root),
                                  "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
             data["steps"][f"build {recipe}"] = (json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
                                                 else {"error": f"build exited {rc} (see the log)"})
