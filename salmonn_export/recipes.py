@@ -18,7 +18,9 @@ from salmonn_export.errors import SalmonnError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 COMPONENTS = ("whisper", "beats", "qformer", "llm")
-PRECISIONS = ("fp32", "fp16")
+# int8: ONNX Runtime dynamic quantization of the graph's MatMuls (int8 weights per output channel,
+# activations quantized per tensor at run time); for the encoders and the Q-Former, on CPU
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ def _component(name: str, data: Any, source: str) -> ComponentRecipe:
     precision = data.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise SalmonnError(f"recipe field `components.{name}.precision` must be one of {PRECISIONS}", source)
+    if precision == "int8" and name == "llm":
+        raise SalmonnError("recipe field `components.llm.precision: int8`: the LLM is quantized through "
+                           "`components.llm.weights` (bits 8, accuracy_level 4 for int8 activations)", source)
     weights = None
     if data.get("weights") is not None:
         if name != "llm":

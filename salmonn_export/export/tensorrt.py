@@ -90,6 +90,9 @@ def build_trt_engines(bundle: Path, components: dict[str, dict], settings: TrtSe
         comp = components.get(name)
         if comp is None:
             continue
+        if comp["precision"] == "int8":  # MatMulInteger graphs: TensorRT takes explicit Q/DQ int8, not these
+            results[name] = {"status": "skipped", "reason": "int8 (ONNX Runtime dynamic quantization) graph"}
+            continue
         inputs = {i["name"]: i["shape"] for i in comp["inputs"]}
         ranges = profile_ranges(name, inputs, settings)
         results[name] = build_engine(bundle / comp["file"], bundle / f"{name}.engine", ranges, settings,
