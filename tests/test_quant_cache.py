@@ -147,3 +147,42 @@ def test_cached_build_writes_the_same_bundle(tiny_dir, audio_dir, tmp_path):
     manifests = [json.loads((tmp_path / n / "manifest.json").read_text()) for n in "abc"]
     assert manifests[0]["files"] == manifests[1]["files"] == manifests[2]["files"]
     assert second["quantization_eval"] == first["quantization_eval"]
+
+
+def test_interrupted_cli_build_leaves_no_bundle_and_resumes(tiny_dir, audio_dir, tmp_path, monkeypatch):
+    """Ctrl-C inside GPTQ's second decoder layer: exit 130, a resume hint, no bundle or temp folder;
+    the same command then reads layer 0 back and writes the bundle an uncached build writes."""
+    from typer.testing import CliRunner
+
+    import salmonn_export.transforms.quantize as quantize
+    from salmonn_export.cli import app
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for f in sorted(audio_dir.glob("*.wav"))[:3]:
+        if f.name != "broken.wav":
+            shutil.copy(f, calib / f.name)
+    real_gptq, calls = quantize.gptq, []
+
+    def interrupting_gptq(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == LAYER_LINEARS + 2:
+            raise KeyboardInterrupt
+        return real_gptq(*args, **kwargs)
+
+    common = ["build", "--recipe", "w4a16", "--model", str(tiny_dir / "config.yaml"), "--calib", str(calib)]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    runner = CliRunner()
+    monkeypatch.setattr(quantize, "gptq", interrupting_gptq)
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "b"), *cache])
+    assert result.exit_code == 130
+    assert "the same command resumes there" in result.output
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b*"))
+    monkeypatch.setattr(quantize, "gptq", real_gptq)
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "b"), *cache])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b" / "build_report.json").read_text())
+    assert report["quantization_cache"]["gptq_entries_read"] == 1
+    assert runner.invoke(app, [*common, "--out", str(tmp_path / "fresh"), "--no-cache"]).exit_code == 0
+    files = [json.loads((tmp_path / n / "manifest.json").read_text())["files"] for n in ("b", "fresh")]
+    assert files[0] == files[1]

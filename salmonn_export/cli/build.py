@@ -79,12 +79,13 @@ def build(
     With --target torch: the same LoRA merge and quantization (the same int4 codes), written as
     safetensors for the PyTorch engine (`run --engine B --device cuda`).
 
+    An interrupted build (Ctrl-C, SIGTERM) leaves no bundle behind but keeps its finished calibration
+    and GPTQ layers in the quantization cache: the same command resumes where it stopped.
+
     Example: salmonn-export build --recipe w4a16 --model path/to/config.yaml --out engines/mine-w4a16
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from salmonn_export.errors import SalmonnError
-    from salmonn_export.export.stages import StageLog
     from salmonn_export.recipes import load_recipe
 
     if target not in ("onnx", "torch"):
@@ -102,6 +103,21 @@ def build(
     from salmonn_export.transforms.quant_cache import default_cache_dir
 
     cache = None if no_cache else (cache_dir or default_cache_dir())
+    try:
+        report = _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, seed, cache, as_json)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated): the bundle's temp folder is already gone
+        if cache is not None and rec.llm.weights is not None:
+            err.print(f"finished calibration and GPTQ layers are kept in {cache}: the same command resumes there",
+                      soft_wrap=True, highlight=False)
+        raise
+    _print_report(report, target, as_json)
+
+
+def _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, seed, cache, as_json) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from salmonn_export.export.stages import StageLog
+
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:
         current = {"task": None}
@@ -127,6 +143,10 @@ def build(
                                                             force=force, trt=trt, seed=seed, cache_dir=cache), log)
         if current["task"] is not None:
             progress.update(current["task"], completed=1, total=1)
+    return report
+
+
+def _print_report(report: dict, target: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=1, default=str))
         return
