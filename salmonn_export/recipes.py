@@ -47,6 +47,10 @@ class Calibration:
     tasks: tuple[str, ...] = ("asr", "aac")
     teacher_forcing: bool = True
     seed: int = 0
+    # audio: each clip through the encoders, Q-Former and prompt wrap (what the LLM sees at run time);
+    # text: the same prompts and reference texts with no speech embeddings, as a text-only LLM
+    # quantizer calibrates (for measuring what audio conditioning buys)
+    source: str = "audio"
 
 
 @dataclass(frozen=True)
@@ -179,10 +183,17 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         raise SalmonnError("recipe field `optimize` must be true or false", source)
     return Recipe(
         name=data["name"], optimize=optimize, description=str(data.get("description", "")), components=components,
-        calibration=_section(Calibration, data.get("calibration"), "calibration", source),
+        calibration=_calibration(data.get("calibration"), source),
         thresholds=_section(Thresholds, data.get("thresholds"), "thresholds", source),
         trt=_section(TrtSettings, data.get("trt"), "trt", source), opset=opset, source=source,
     )
+
+
+def _calibration(data: Any, source: str) -> Calibration:
+    calibration = _section(Calibration, data, "calibration", source)
+    if calibration.source not in ("audio", "text"):
+        raise SalmonnError("recipe field `calibration.source` must be audio or text", source)
+    return calibration
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

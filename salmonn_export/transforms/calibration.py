@@ -40,17 +40,28 @@ def calibration_items(source: str | Path, audio_root: str | Path | None = None) 
 
 @torch.no_grad()
 def build_calibration(salmonn: SALMONN, items: list[CalibItem], settings: Calibration) -> list[dict[str, torch.Tensor]]:
-    """One sequence per (clip, task) up to `settings.samples`, in a seeded order."""
+    """One sequence per (clip, task) up to `settings.samples`, in a seeded order.
+
+    With `settings.source == "text"` no audio is read: the prompt wrap gets no speech embeddings and
+    items without a reference text are skipped (SalmonnError when none has one)."""
     gen = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(items), generator=gen).tolist()
     sequences: list[dict[str, torch.Tensor]] = []
     tok = salmonn.llama_tokenizer
+    text_only = settings.source == "text"
+    if text_only and not any(item.text for item in items):
+        raise SalmonnError("text-only calibration (recipe calibration.source: text) needs an annotation .json "
+                           "whose items have texts")
     for idx in order:
         item = items[idx]
-        wave = load_audio(item.audio)
         tasks = [item.task] if item.task else list(settings.tasks)
-        batch = salmonn.make_batch([wave], tasks[:1])
-        speech = salmonn.encode_speech(batch)
+        if text_only:
+            if not item.text:
+                continue
+            speech = salmonn.embed_tokens(torch.zeros(1, 0, dtype=torch.long))  # [1, 0, hidden]: no speech
+        else:
+            batch = salmonn.make_batch([load_audio(item.audio)], tasks[:1])
+            speech = salmonn.encode_speech(batch)
         for task in tasks:
             embeds, atts = salmonn.prompt_wrap(speech, salmonn.prompts_for([task]))
             if settings.teacher_forcing and item.text:

@@ -1,5 +1,7 @@
-"""int8 (ONNX Runtime dynamic quantization) encoder and Q-Former graphs: which MatMuls become int8,
-that the bundle still runs and stays close to the fp32 bundle on real audio, and recipe errors."""
+"""Recipe options beyond the LLM weight format. int8 (ONNX Runtime dynamic quantization) encoder and
+Q-Former graphs: which MatMuls become int8,
+that the bundle still runs and stays close to the fp32 bundle on real audio, and recipe errors;
+text-only calibration."""
 
 import json
 import shutil
@@ -7,6 +9,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import torch
 import yaml
 
 from salmonn_export.errors import SalmonnError
@@ -68,3 +71,25 @@ def test_int8_bundle_is_smaller_and_close_to_fp32_on_speech(int8_bundle, audio_d
 def test_bad_precisions_are_errors_naming_the_field(component, precision, message):
     with pytest.raises(SalmonnError, match=message):
         parse_recipe({"name": "x", "components": {component: {"precision": precision}}})
+
+
+def test_text_only_calibration_has_no_speech_and_needs_texts(tiny_model, audio_dir, tmp_path):
+    """calibration.source text: the same prompt wrap with zero speech embeddings plus the reference
+    text (shorter than the audio sequences by exactly the speech tokens); an audio folder without
+    texts is an error."""
+    from dataclasses import replace
+
+    from salmonn_export.transforms.calibration import CalibItem, build_calibration
+
+    clip = next(p for p in sorted(audio_dir.glob("*.wav")) if p.name != "broken.wav")
+    items = [CalibItem(clip, "hello there", "asr")]
+    audio = load_recipe("w4a16").calibration
+    text = load_recipe("w4a16-textcalib").calibration
+    assert text == replace(audio, source="text")
+    a, t = build_calibration(tiny_model, items, audio), build_calibration(tiny_model, items, text)
+    assert a[0]["inputs_embeds"].shape[1] - t[0]["inputs_embeds"].shape[1] == tiny_model.speech_tokens
+    assert torch.equal(a[0]["inputs_embeds"][:, -5:], t[0]["inputs_embeds"][:, -5:])  # the same teacher-forced text
+    with pytest.raises(SalmonnError, match="needs an annotation .json whose items have texts"):
+        build_calibration(tiny_model, [CalibItem(clip)], text)
+    with pytest.raises(SalmonnError, match="calibration.source` must be audio or text"):
+        parse_recipe({"name": "x", "calibration": {"source": "video"}})
