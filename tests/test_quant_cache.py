@@ -186,3 +186,22 @@ def test_interrupted_cli_build_leaves_no_bundle_and_resumes(tiny_dir, audio_dir,
     assert runner.invoke(app, [*common, "--out", str(tmp_path / "fresh"), "--no-cache"]).exit_code == 0
     files = [json.loads((tmp_path / n / "manifest.json").read_text())["files"] for n in ("b", "fresh")]
     assert files[0] == files[1]
+
+
+def test_calibration_key_ignores_added_settings_at_their_old_value(tmp_path):
+    """A settings field added after cache format 1 (`source`) keeps keys of earlier caches while at the
+    value they implied, and changes the key otherwise."""
+    from dataclasses import replace
+
+    from salmonn_export.recipes import Calibration
+
+    cache = QuantCache(tmp_path)
+    key = lambda settings: cache.calibration_key({"llm": "h"}, {"sha256": "d"}, [], settings)  # noqa: E731
+    format_1 = {"samples": 16, "tasks": ("asr", "aac"), "teacher_forcing": True, "seed": 0}
+    from salmonn_export.transforms import quant_cache
+
+    assert key(Calibration()) == quant_cache.digest({
+        "format": 1, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "model": {"llm": "h"}, "data": {"sha256": "d"}, "items": [], "settings": format_1})
+    assert key(replace(Calibration(), source="text")) != key(Calibration())
+    assert key(replace(Calibration(), samples=8)) != key(Calibration())

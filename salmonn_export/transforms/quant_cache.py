@@ -36,6 +36,9 @@ import torch
 from salmonn_export.recipes import WeightQuant
 
 CACHE_FORMAT = 1
+# settings fields added after CACHE_FORMAT 1, with the value every earlier key implied: left out of a
+# key while at that value, so adding an option does not orphan existing caches
+ADDED_SETTINGS = {"source": "audio"}
 
 
 def default_cache_dir() -> Path:
@@ -138,7 +141,8 @@ class QuantCache:
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p),) for p in items]
         return digest({"format": CACHE_FORMAT, "torch": torch.__version__,
                        "transformers": transformers.__version__, "model": model_hashes, "data": data,
-                       "items": stats, "settings": asdict(settings)})
+                       "items": stats, "settings": {k: v for k, v in asdict(settings).items()
+                                                    if ADDED_SETTINGS.get(k, object()) != v}})
 
     def cached(self, kind: str, key: str, make: Callable[[], object]) -> object:
         """`make()` once per (kind, key): read back when stored, else computed and stored."""
