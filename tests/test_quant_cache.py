@@ -5,6 +5,7 @@ writes the same bundle as an uncached one."""
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def test_recipes_sharing_a_weight_format_share_layers(merged, calib, tmp_path):
     _same(expected, again)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "other_names", "hidden_wrong_count"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other_names", "hidden_wrong_count", "hidden_garbage"])
 def test_damaged_or_mismatched_entries_are_recomputed(merged, calib, tmp_path, damage):
     q = load_recipe("w4a16").llm
     folder = tmp_path / "store"
@@ -109,12 +110,14 @@ def test_damaged_or_mismatched_entries_are_recomputed(merged, calib, tmp_path, d
     elif damage == "other_names":
         entry = torch.load(layer0, weights_only=False)
         torch.save({f"renamed.{k}": v for k, v in entry.items()}, layer0)
+    elif damage == "hidden_garbage":
+        next(folder.glob("hidden_*.pt")).write_bytes(b"\x00garbage" * 100)
     else:
         hidden = next(folder.glob("hidden_*.pt"))
         torch.save(torch.load(hidden, weights_only=False)[:1], hidden)
     store = LayerStore(folder)
     got = quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib, store=store)
-    assert store.hits == (2 if damage == "hidden_wrong_count" else 1)  # layer 0 is never taken from a bad entry
+    assert store.hits == (2 if damage.startswith("hidden") else 1)  # layer 0 is never taken from a bad entry
     _same(expected, got)
 
 
@@ -205,3 +208,30 @@ def test_calibration_key_ignores_added_settings_at_their_old_value(tmp_path):
         "model": {"llm": "h"}, "data": {"sha256": "d"}, "items": [], "settings": format_1})
     assert key(replace(Calibration(), source="text")) != key(Calibration())
     assert key(replace(Calibration(), samples=8)) != key(Calibration())
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc"])
+def test_unusable_cache_dirs_are_one_line_errors_before_any_work(capsys, tiny_dir, tmp_path, where):
+    from test_cli_conventions import assert_one_line_error, cli
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    cache = {"file": blocker, "under_file": blocker / "sub", "proc": Path("/proc/no-such/cache")}[where]
+    code, _out, err = cli(capsys, "build", "--recipe", "w4a16", "--model", tiny_dir / "config.yaml",
+                          "--out", tmp_path / "b", "--cache-dir", cache)
+    assert_one_line_error(code, err, str(cache))
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b*"))
+
+
+def test_a_cache_that_cannot_be_written_does_not_fail_the_build(merged, calib, tmp_path):
+    """Entries that cannot be stored (disk full, permissions) are reported, not raised."""
+    q = load_recipe("w4a16").llm
+    folder = tmp_path / "store"
+    folder.write_text("a file where the store's folder should be")
+    store = LayerStore(folder)
+    got = quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib, store=store)
+    assert store.write_error and "store" in store.write_error
+    _same(quantize_model(copy.deepcopy(merged), q.weights, q.skip_modules, calib), got)
+    cache = QuantCache(folder)
+    assert cache.cached("sequences", "k", lambda: [1, 2]) == [1, 2]
+    assert cache.used["sequences"] == "not stored" and cache.used["write_error"]

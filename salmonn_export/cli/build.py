@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -69,7 +72,7 @@ def build(
     cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", help="Quantization cache: calibration sequences, reference log-probs and each GPTQ layer as it "
                             "finishes, so an interrupted build resumes and recipes sharing a weight format (w4a16, "
-                            "w4a8, w4a16-lmhead) run GPTQ once. Default: quantization/ in $SALMONN_EXPORT_CACHE or "
+                            "w4a8, w4a8-int8enc, w4a16-lmhead) run GPTQ once. Default: quantization/ in $SALMONN_EXPORT_CACHE or "
                             "~/.cache/salmonn-export; ~1 byte per LLM weight.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute everything; read and write no cache.")] = False,
     as_json: JsonOpt = False,
@@ -100,9 +103,11 @@ def build(
     from salmonn_export.files import check_output_dir
 
     check_output_dir(out_dir, "bundle")  # before anything is built
-    from salmonn_export.transforms.quant_cache import default_cache_dir
+    from salmonn_export.transforms.quant_cache import check_cache_dir, default_cache_dir
 
     cache = None if no_cache else (cache_dir or default_cache_dir())
+    if cache is not None and rec.llm.weights is not None:
+        check_cache_dir(cache)  # before anything is built: a file or unwritable place is one line, exit 2
     try:
         report = _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, seed, cache, as_json)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated): the bundle's temp folder is already gone
@@ -113,10 +118,27 @@ def build(
     _print_report(report, target, as_json)
 
 
-def _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, seed, cache, as_json) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+@contextlib.contextmanager
+def _stage_log(as_json: bool):
+    """A StageLog that shows progress on stderr: rich bars on a terminal; plain timestamped lines when
+    stderr is a file or pipe (a background build's log then shows each stage and layer as it happens)."""
     from salmonn_export.export.stages import StageLog
+
+    if not err.is_terminal:
+        t0 = time.perf_counter()
+        stage = {"name": ""}
+
+        def line(text: str) -> None:
+            print(f"[{time.perf_counter() - t0:8.1f}s] {text}", file=sys.stderr, flush=True)
+
+        def on_stage(name):
+            stage["name"] = name
+            line(name)
+
+        yield StageLog(on_stage=on_stage, on_progress=lambda name, done, total: line(
+            f"  {stage['name']}: {done}/{total} {name}"))
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=as_json) as progress:
@@ -130,20 +152,22 @@ def _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, s
         def on_progress(_name, done, total):
             progress.update(current["task"], completed=done, total=total)
 
-        log = StageLog(on_stage=on_stage, on_progress=on_progress)
+        yield StageLog(on_stage=on_stage, on_progress=on_progress)
+        if current["task"] is not None:
+            progress.update(current["task"], completed=1, total=1)
+
+
+def _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, seed, cache, as_json) -> dict:
+    with _stage_log(as_json) as log:
         if target == "torch":
             from salmonn_export.export.torch_bundle import TorchBuildOptions, build_torch_bundle
 
-            report = build_torch_bundle(config, rec, TorchBuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
-                                                                       force=force, seed=seed, cache_dir=cache), log)
-        else:
-            from salmonn_export.export.build import BuildOptions, build_bundle
+            return build_torch_bundle(config, rec, TorchBuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
+                                                                     force=force, seed=seed, cache_dir=cache), log)
+        from salmonn_export.export.build import BuildOptions, build_bundle
 
-            report = build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
-                                                            force=force, trt=trt, seed=seed, cache_dir=cache), log)
-        if current["task"] is not None:
-            progress.update(current["task"], completed=1, total=1)
-    return report
+        return build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
+                                                      force=force, trt=trt, seed=seed, cache_dir=cache), log)
 
 
 def _print_report(report: dict, target: str, as_json: bool) -> None:
@@ -160,9 +184,17 @@ def _print_report(report: dict, target: str, as_json: bool) -> None:
         out.print(f"  {name:16s} {report['sizes'][name] / 1e6:8.2f} MB  max rel err {v['max_rel']:.2e}  cosine {v['cosine']:.8f}")
     cache_use = report.get("quantization_cache")
     if cache_use:
-        reused = [k for k in ("sequences", "reference_log_probs") if cache_use.get(k) == "read"]
-        out.print(f"  quantization cache {cache_use['folder']}: "
-                  f"{', '.join(reused) + ' and ' if reused else ''}{cache_use['gptq_entries_read']} GPTQ entries reused")
+        labels = {"sequences": "calibration sequences", "reference_log_probs": "reference log-probs"}
+        read = [labels[k] for k in labels if cache_use.get(k) == "read"]
+        if cache_use.get("gptq_entries_read"):
+            read.append(f"{cache_use['gptq_entries_read']} GPTQ entries")
+        written = [labels[k] for k in labels if cache_use.get(k) == "written"] + (["GPTQ layers"] if "gptq" in cache_use else [])
+        out.print(f"  quantization cache {cache_use['folder']}: read {', '.join(read) or 'nothing'}"
+                  + (f"; stored {', '.join(written)}" if written and not cache_use.get("gptq_entries_read") else ""),
+                  soft_wrap=True, highlight=False)
+        if cache_use.get("write_error"):
+            err.print(f"warning: the quantization cache could not be written ({cache_use['write_error']})",
+                      soft_wrap=True, highlight=False)
     if report["quantization_eval"]:
         q = report["quantization_eval"]
         out.print(f"  LLM vs fp32 on calibration: KL {q['mean_kl']:.4g}, top-1 agreement {q['top1_agreement']:.3f}")

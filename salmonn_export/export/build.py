@@ -9,6 +9,7 @@ written in a temporary folder beside the target and renamed into place only when
 
 from __future__ import annotations
 
+import logging
 import platform
 import shutil
 from dataclasses import dataclass
@@ -112,12 +113,16 @@ def _to_int8(path: Path) -> dict:
     tmp_dir = path.parent / f".{path.name}.int8"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
+    quant_logger = logging.getLogger()  # onnxruntime.quantization warns on the root logger ("pre-processing")
+    level = quant_logger.level
+    quant_logger.setLevel(logging.ERROR)
     try:
         quantize_dynamic(str(path), str(tmp_dir / path.name), per_channel=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True,
                          nodes_to_exclude=kept, extra_options={"MatMulConstBOnly": True})
         model = onnx.load(str(tmp_dir / path.name))
     finally:
+        quant_logger.setLevel(level)
         shutil.rmtree(tmp_dir, ignore_errors=True)
     save_model(model, path)
     return {"int8_matmuls": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node),

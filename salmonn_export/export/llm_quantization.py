@@ -94,6 +94,8 @@ def quantize_llm(salmonn: SALMONN, llm: torch.nn.Module, recipe: Recipe, calib_d
     if calibration is not None and cache.root is not None:
         cache_info = {"folder": str(cache.root), "key": key, **cache.used,
                       "gptq_entries_read": store.hits if store is not None else 0}
+        if store is not None and store.write_error:
+            cache_info["write_error"] = store.write_error
     evaluation = None
     if reference is not None:
         with log.stage("quantization eval"):

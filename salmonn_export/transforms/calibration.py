@@ -51,7 +51,8 @@ def build_calibration(salmonn: SALMONN, items: list[CalibItem], settings: Calibr
     text_only = settings.source == "text"
     if text_only and not any(item.text for item in items):
         raise SalmonnError("text-only calibration (recipe calibration.source: text) needs an annotation .json "
-                           "whose items have texts")
+                           "whose items have texts: pass --calib ANNOTATION.json (for the demo model, "
+                           "`salmonn-export demo-data DIR` writes DIR/annotation.json)")
     for idx in order:
         item = items[idx]
         tasks = [item.task] if item.task else list(settings.tasks)

@@ -24,6 +24,7 @@ Delete the folder (or pass `--no-cache`) to start over.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,15 +50,43 @@ def default_cache_dir() -> Path:
     return cache_root() / "quantization"
 
 
+def check_cache_dir(path: Path) -> Path:
+    """Create the cache folder if needed and check that files can be written in it.
+    Raises one SalmonnError naming `path` (a file, an unwritable or impossible place)."""
+    from salmonn_export.errors import SalmonnError
+    from salmonn_export.files import os_problem
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SalmonnError("is a file, not a folder (the quantization cache must be a folder)", path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SalmonnError(f"cannot use it as the quantization cache: {os_problem(exc)}", path) from None
+    return path
+
+
 def digest(value: object) -> str:
     """sha256 (first 20 hex digits) of a JSON-serialisable value, keys sorted."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _save(obj: object, path: Path) -> None:
+def _save(obj: object, path: Path) -> str | None:
+    """Write atomically; an OSError (disk full, permissions changed) is returned, not raised: a cache
+    that cannot be written must not fail the build it was meant to speed up."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return f"{path}: {exc.strerror or exc}"
+    return None
 
 
 def _load(path: Path) -> object | None:
@@ -79,10 +108,8 @@ class LayerStore:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.write_error: str | None = None
         self.read: set[str] = set()  # entries read back (tests and the build report)
-
-    def _ready(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def hits(self) -> int:
@@ -96,8 +123,7 @@ class LayerStore:
         return entry
 
     def save_layer(self, index: int, entry: dict) -> None:
-        self._ready()
-        _save(entry, self.folder / f"layer_{index}.pt")
+        self.write_error = _save(entry, self.folder / f"layer_{index}.pt") or self.write_error
 
     def load_module(self, name: str) -> tuple | None:
         entry = _load(self.folder / f"{name}.pt")
@@ -106,8 +132,7 @@ class LayerStore:
         return entry
 
     def save_module(self, name: str, entry: tuple) -> None:
-        self._ready()
-        _save(entry, self.folder / f"{name}.pt")
+        self.write_error = _save(entry, self.folder / f"{name}.pt") or self.write_error
 
     def latest_hidden(self) -> tuple[int, list[torch.Tensor]] | None:
         """(i, hidden states after layer i) for the newest stored i, or None."""
@@ -119,8 +144,10 @@ class LayerStore:
         return None
 
     def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
-        self._ready()
-        _save(hidden, self.folder / f"hidden_{index}.pt")
+        error = _save(hidden, self.folder / f"hidden_{index}.pt")
+        self.write_error = error or self.write_error
+        if error:
+            return
         for old in self.folder.glob("hidden_*.pt"):
             if old.stem != f"hidden_{index}":
                 old.unlink(missing_ok=True)
@@ -153,8 +180,10 @@ class QuantCache:
         self.used[kind] = "read" if value is not None else "written"
         if value is None:
             value = make()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _save(value, path)
+            error = _save(value, path)
+            if error:
+                self.used[kind] = "not stored"
+                self.used["write_error"] = error
         return value
 
     def layer_store(self, calibration_key: str, weights: WeightQuant) -> LayerStore | None:
