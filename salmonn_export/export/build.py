@@ -47,6 +47,9 @@ FP16_MIN_COSINE = 0.999
 # the speech-embedding cosine and the texts on real audio are what `verify` judges against the recipe
 INT8_MAX_REL = 1.0
 INT8_MIN_COSINE = 0.995
+# decoders computing on int8 activations (accuracy_level 4), logits on the random validation input:
+# demo (4 layers) 0.99984, challenge-1b (16 layers, random well-scaled weights) 0.99815
+INT8_ACTIVATIONS_MIN_COSINE = 0.99
 
 
 @dataclass
@@ -185,8 +188,9 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
                 _to_fp16(path, ["inputs_embeds", "logits"] if spec.name == "decoder" else True)
                 spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
             if spec.name == "decoder" and weights is not None and weights.accuracy_level == 4:
-                # int8-quantized activations inside MatMulNBits: no longer equal to the dequantized torch model
-                spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
+                # int8-quantized activations inside MatMulNBits: no longer equal to the dequantized torch model;
+                # the error grows with depth, so this only catches a wrong graph, and `verify` judges accuracy
+                spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, INT8_ACTIVATIONS_MIN_COSINE
             if recipe.optimize:
                 extra["graph_optimization"] = optimize_offline(path)
             check_model(path)
