@@ -75,7 +75,8 @@ def _build_one(config: Path, recipe_name: str, out: Path, calib: Path | None, fr
             print(f"    {done}/{total} {name} (rss {rss.proc.memory_info().rss / 2**30:.2f} GiB)", flush=True)
 
         log = StageLog(on_stage=on_stage, on_progress=on_progress)
-        report = build_bundle(config, load_recipe(recipe_name), BuildOptions(out=out, calib=calib, force=True, cache_dir=cache_dir), log)
+        options = BuildOptions(out=out, calib=calib, force=True, cache_dir=cache_dir)
+        report = build_bundle(config, load_recipe(recipe_name), options, log)
     record = {
         "recipe": recipe_name, "wall_seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_gib": round(rss.peak / 2**30, 2),
@@ -121,6 +122,16 @@ def _results_path(preset: str) -> Path:
 def _load(preset: str) -> dict:
     path = _results_path(preset)
     return json.loads(path.read_text()) if path.is_file() else {"preset": preset, "machine": _machine(), "steps": {}}
+
+
+def _record(preset: str, data: dict, key: str, value: dict) -> None:
+    """Set one step in the results file as it is on disk now (other runs and hand-written notes kept)."""
+    data["steps"][key] = value
+    current = _load(preset)
+    current["steps"][key] = value
+    if "model" in data:
+        current.setdefault("model", data["model"])
+    _save(preset, current)
 
 
 def _save(preset: str, data: dict) -> None:
@@ -214,9 +225,8 @@ def main() -> None:
             print(f"build {args.preset} {recipe} (free {psutil.virtual_memory().available / 2**30:.1f} GiB)", flush=True)
             rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib), "--root", str(root),
                                  "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
-            data["steps"][f"build {recipe}"] = (json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
-                                                else {"error": f"build exited {rc} (see the log)"})
-            _save(args.preset, data)
+            _record(args.preset, data, f"build {recipe}", json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
+                    else {"error": f"build exited {rc} (see the log)"})
         if not (bundle / "manifest.json").is_file():
             continue
         if "verify" in args.steps and f"verify {recipe}" not in data["steps"]:
@@ -230,8 +240,7 @@ def main() -> None:
             rec = _timed([*CLI, "verify", str(bundle), "--model", str(config), "--data", str(verify_data),
                           "--report", str(report)], log_path)
             rec["summary"] = json.loads(report.read_text()) if report.is_file() else None
-            data["steps"][f"verify {recipe}"] = rec
-            _save(args.preset, data)
+            _record(args.preset, data, f"verify {recipe}", rec)
         if "bench" in args.steps and f"bench {recipe}" not in data["steps"]:
             out = root / f"{args.preset}-{recipe}.bench.json"
             _wait_for_ram(args.min_free_gib)
@@ -239,8 +248,7 @@ def main() -> None:
                           "--iters", str(args.bench_iters), "--stage-iters", "1", "--no-generation",
                           *([] if args.bench_reference else ["--no-reference"]), "--out", str(out)], log_path)
             rec["summary"] = json.loads(out.read_text()) if out.is_file() else None
-            data["steps"][f"bench {recipe}"] = rec
-            _save(args.preset, data)
+            _record(args.preset, data, f"bench {recipe}", rec)
 
 
 if __name__ == "__main__":
