@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,16 @@ def audio_dir(tmp_path_factory) -> Path:
     sf.write(folder / "stereo_22k.wav", stereo, 22050)
     sf.write(folder / "short_0.4s.wav", sound_scene("chirp", 0.4), 16000)
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calib_audio_dir(audio_dir, tmp_path_factory) -> Path:
+    """The readable clips of `audio_dir` (all but broken.wav): a calibration folder for builds."""
+    folder = tmp_path_factory.mktemp("calib_audio")
+    for f in audio_dir.glob("*.wav"):
+        if f.name != "broken.wav":
+            shutil.copy(f, folder / f.name)
     return folder
 
 

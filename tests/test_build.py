@@ -21,12 +21,8 @@ from salmonn_export.transforms.quantize import output_error, quantize_model
 
 
 @pytest.fixture(scope="module")
-def calib_dir(audio_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calib")
-    for f in audio_dir.glob("*.wav"):
-        if f.name != "broken.wav":
-            shutil.copy(f, folder / f.name)
-    return folder
+def calib_dir(calib_audio_dir):
+    return calib_audio_dir
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,8 @@ LAYER_LINEARS = 7  # q, k, v, o, gate, up, down per decoder layer of the tiny pr
 
 
 @pytest.fixture(scope="module")
-def calib(tiny_model, audio_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calib_qc")
-    for f in audio_dir.glob("*.wav"):
-        if f.name != "broken.wav":
-            shutil.copy(f, folder / f.name)
-    return build_calibration(tiny_model, calibration_items(folder), load_recipe("w4a16").calibration)
+def calib(tiny_model, calib_audio_dir):
+    return build_calibration(tiny_model, calibration_items(calib_audio_dir), load_recipe("w4a16").calibration)
 
 
 @pytest.fixture(scope="module")

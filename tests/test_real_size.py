@@ -3,7 +3,6 @@ and quantizing the tied lm_head while the input embeddings keep full precision."
 
 import copy
 import json
-import shutil
 
 import pytest
 import torch
@@ -25,12 +24,8 @@ from salmonn_export.transforms.quantize import (
 
 
 @pytest.fixture(scope="module")
-def calib(tiny_model, audio_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calib_rs")
-    for f in audio_dir.glob("*.wav"):
-        if f.name != "broken.wav":
-            shutil.copy(f, folder / f.name)
-    return build_calibration(tiny_model, calibration_items(folder), load_recipe("w4a16").calibration)
+def calib(tiny_model, calib_audio_dir):
+    return build_calibration(tiny_model, calibration_items(calib_audio_dir), load_recipe("w4a16").calibration)
 
 
 @pytest.mark.parametrize("preset, layers, hidden, heads, kv, params_b", [

@@ -4,7 +4,6 @@ that the bundle still runs and stays close to the fp32 bundle on real audio, and
 text-only calibration."""
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -18,11 +17,8 @@ from salmonn_export.recipes import RECIPES_DIR, load_recipe, parse_recipe
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tiny_dir, audio_dir, tmp_path_factory):
-    calib = tmp_path_factory.mktemp("calib_int8")
-    for f in audio_dir.glob("*.wav"):
-        if f.name != "broken.wav":
-            shutil.copy(f, calib / f.name)
+def int8_bundle(tiny_dir, calib_audio_dir, tmp_path_factory):
+    calib = calib_audio_dir
     root = tmp_path_factory.mktemp("int8")
     data = yaml.safe_load((RECIPES_DIR / "w4a8-int8enc.yaml").read_text())
     data["components"]["llm"] = {"precision": "fp32"}  # int8 encoders only: no GPTQ in this test
