@@ -62,7 +62,7 @@ def quantize_llm(salmonn: SALMONN, llm: torch.nn.Module, recipe: Recipe, calib_d
     With an enabled `cache` (quant_cache.QuantCache), the calibration sequences, the reference
     log-probs and each GPTQ layer are read back when an earlier build (or an interrupted one) made
     them from the same model files (`model_hashes`, stages.source_hashes; computed when None), data
-    and settings; what was read or written is in the returned `calibration["cache"]`.
+    and settings; what was read or written is in the returned `LLMQuantization.cache`.
     """
     cache = cache or QuantCache(None)
     weights = recipe.llm.weights
@@ -76,10 +76,11 @@ def quantize_llm(salmonn: SALMONN, llm: torch.nn.Module, recipe: Recipe, calib_d
             if calib_samples:
                 settings = replace(settings, samples=calib_samples)
             items = calibration_items(calib_data.path, calib_data.audio_root)
-            key = cache.calibration_key(model_hashes or source_hashes(salmonn.config), calib_data.record(),
+            record = calib_data.record()  # hashes the annotation, or every clip of an audio folder: once
+            key = cache.calibration_key(model_hashes or source_hashes(salmonn.config), record,
                                         [item.audio for item in items], settings) if cache.root else ""
             sequences = cache.cached("sequences", key, lambda: build_calibration(salmonn, items, settings))
-            calibration = {**calib_data.record(), "sequences": len(sequences),
+            calibration = {**record, "sequences": len(sequences),
                            "tokens": int(sum(s["inputs_embeds"].shape[1] for s in sequences)),
                            "settings": asdict(settings)}
     reference = None
