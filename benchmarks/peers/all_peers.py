@@ -15,6 +15,10 @@ onnxruntime + numpy + tokenizers there):
 
     PYTHONPATH=. /tmp/venv-llama/bin/python benchmarks/peers/all_peers.py --hf-llm MERGED_HF_DIR \
         --llama-cpp-src /tmp/lcp/llama_cpp_python-*/vendor/llama.cpp BUNDLE... --out benchmarks/results/peers_small
+
+On a VM whose CPU reports AMX it cannot execute (SIGILL in the first decode), rebuild the CPU
+backend without AMX first and point llama-cpp-python at it: `build_ggml_cpu.sh`, then
+`LLAMA_CPP_LIB_PATH=DIR` in front of the command above.
 """
 
 from __future__ import annotations

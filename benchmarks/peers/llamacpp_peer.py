@@ -9,6 +9,9 @@ Setup (own venv; llama-cpp-python compiles llama.cpp, a few minutes on 2 cores):
     PYTHONPATH=. /tmp/venv-llama/bin/python benchmarks/peers/llamacpp_peer.py \
         --hf-llm MERGED_HF_DIR --llama-cpp-src /tmp/lcp/llama_cpp_python-*/vendor/llama.cpp BUNDLE... --json OUT
 
+If the first decode dies with SIGILL (`tilezero`: a VM that reports AMX but cannot run it), use
+`build_ggml_cpu.sh` and run with `LLAMA_CPP_LIB_PATH` set to its output folder.
+
 The HF → GGUF conversion uses llama.cpp's own `convert_hf_to_gguf.py` from that source tree. It
 refuses BPE tokenizers it has not seen; ours is trained locally with GPT-2's byte-level
 pre-tokenizer, so the converter is told "gpt-2". Quantization uses llama.cpp's
