@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -67,14 +68,15 @@ class Units:
 
 
 class CTCProbe(nn.Module):
-    def __init__(self, adapter: str, window: int, whisper_width: int, beats_width: int, labels: int, init: str):
+    def __init__(self, adapter: str, window: int, whisper_width: int, beats_width: int, labels: int, init: str,
+                 rank: int = stage2.RANK):
         super().__init__()
         self.adapter, self.window = adapter, window
         self.ln_speech = nn.LayerNorm(whisper_width)
         if adapter == "qformer":
             self.ln_audio = nn.LayerNorm(beats_width)
             self.qformer = SpeechQFormer(whisper_width + beats_width)
-            low = stage2.low_rank_qformer(self.qformer)
+            low = stage2.low_rank_qformer(self.qformer, rank=rank)
             if init == "xavier":  # product U·V with Xavier std instead of BERT's 0.02
                 with torch.no_grad():
                     for layer in low.values():
@@ -82,19 +84,24 @@ class CTCProbe(nn.Module):
                         width_out = layer.u.shape[0]
                         layer.v.normal_(0, width_in ** -0.5)
                         layer.u.normal_(0, (2.0 * width_in / (rank * (width_in + width_out))) ** 0.5)
+            if init == "quiet-query":
+                stage2.quiet_query_init(self.qformer)
             self.query = nn.Parameter(torch.randn(1, 1, BERT_HIDDEN) * 0.02)
         else:
             self.pool = nn.Sequential(nn.Linear(whisper_width, 768), nn.GELU(), nn.Linear(768, BERT_HIDDEN))
         self.proj = nn.Linear(BERT_HIDDEN, 256)  # the demo LLM's width, as speech_llama_proj
         self.head = nn.Linear(256, labels + 1)  # last label: CTC blank
 
-    def forward(self, whisper_out: torch.Tensor, beats_out: list[torch.Tensor]) -> torch.Tensor:
+    def features(self, whisper_out: torch.Tensor, beats_out: list[torch.Tensor]) -> torch.Tensor:
+        """[B, windows, 768]: what the adapter hands its projection (the Q-Former's output for qformer)."""
         if self.adapter == "pool":
-            windows = self.ln_speech(whisper_out).unfold(1, self.window, self.window).mean(-1)
-            return self.head(self.proj(self.pool(windows)))
-        out = self.proj(stage2.window_queries(self.ln_speech, self.ln_audio, self.qformer, self.query, whisper_out,
-                                              beats_out, self.window))
-        return self.head(out.view(whisper_out.shape[0], -1, out.shape[-1]))
+            return self.pool(self.ln_speech(whisper_out).unfold(1, self.window, self.window).mean(-1))
+        out = stage2.window_queries(self.ln_speech, self.ln_audio, self.qformer, self.query, whisper_out,
+                                    beats_out, self.window)
+        return out.view(whisper_out.shape[0], -1, out.shape[-1])
+
+    def forward(self, whisper_out: torch.Tensor, beats_out: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.proj(self.features(whisper_out, beats_out)))
 
 
 def ctc(args: argparse.Namespace) -> dict:
@@ -102,18 +109,33 @@ def ctc(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     feats = stage2.Features(args.work)
     units = Units(args.units, args.work / "llm")
-    model = CTCProbe(args.adapter, args.window, feats.whisper_width, feats.beats_width, units.size, args.init)
+    model = CTCProbe(args.adapter, args.window, feats.whisper_width, feats.beats_width, units.size, args.init,
+                     args.rank)
     train = [i for i, c in enumerate(feats.clips) if c["task"] == "asr" and c["split"] == "train"]
     sentences = [i for i in train if "segments" not in feats.clips[i]]
     if args.clips == "single":
         train = sentences
-    heldout = [i for i, c in enumerate(feats.clips) if c["task"] == "asr" and c["split"] == "heldout"]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    heldout = [i for i, c in enumerate(feats.clips) if c["task"] == "asr" and c["split"].startswith("heldout")]
+    if args.clips == "all":  # train_natural's data: both held-out sets (unseen sentences, unseen voices), interleaved
+        heldout = [i for pair in zip(*[[i for i in heldout if feats.clips[i]["split"] == s]
+                                       for s in ("heldout_sentences", "heldout_voices")]) for i in pair] or heldout
+    teacher = None
+    if args.teacher:  # distillation: regress the Q-Former's output on a trained pool probe's, through its head
+        teacher = CTCProbe("pool", args.window, feats.whisper_width, feats.beats_width, units.size, "bert")
+        teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
+        teacher.eval().requires_grad_(False)
+        model.proj.load_state_dict(teacher.proj.state_dict())
+        model.head.load_state_dict(teacher.head.state_dict())
+        model.proj.requires_grad_(False)
+        model.head.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
 
     def batch(index):
         whisper_out, beats_out, _, texts = feats.batch(index)
+        if args.no_beats:  # zeros: ln_audio gives its bias (0 at init), the Q-Former sees Whisper only
+            beats_out = [torch.zeros_like(b) for b in beats_out]
         return whisper_out[:, : args.crop], beats_out, texts
 
     def wer(index) -> float:
@@ -134,11 +156,18 @@ def ctc(args: argparse.Namespace) -> dict:
     for step in range(args.steps):
         whisper_out, beats_out, texts = batch(rng.sample(train, 16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(whisper_out, beats_out)
-        log_probs = logits.float().log_softmax(-1).transpose(0, 1)
-        targets = [units.encode(t) for t in texts]
-        loss = F.ctc_loss(log_probs, torch.tensor([x for t in targets for x in t]), [log_probs.shape[0]] * len(targets),
-                          [len(t) for t in targets], blank=units.size, zero_infinity=True)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher.features(whisper_out, beats_out).float()
+                loss = F.mse_loss(model.features(whisper_out, beats_out).float(), target) / target.var()
+            else:
+                logits = model(whisper_out, beats_out)
+        if teacher is None:
+            log_probs = logits.float().log_softmax(-1).transpose(0, 1)
+            targets = [units.encode(t) for t in texts]
+            loss = F.ctc_loss(log_probs, torch.tensor([x for t in targets for x in t]),
+                              [log_probs.shape[0]] * len(targets), [len(t) for t in targets], blank=units.size,
+                              zero_infinity=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -148,7 +177,11 @@ def ctc(args: argparse.Namespace) -> dict:
             curve.append({"step": step, "seconds": round(time.time() - t0), "loss": round(loss.item(), 3),
                           "heldout_wer_48": wer(heldout[:48])})
             print(json.dumps(curve[-1]), flush=True)
-    return {"probe": "ctc", "adapter": args.adapter, "units": args.units, "window_frames": args.window,
+    if args.save:
+        torch.save(model.state_dict(), args.save)
+    return {"probe": "ctc" if teacher is None else "distill (loss: MSE / target variance)",
+            "adapter": args.adapter, "rank": args.rank, "no_beats": args.no_beats,
+            "units": args.units, "window_frames": args.window,
             "crop_frames": args.crop, "clips": args.clips, "init": args.init, "lr": args.lr, "steps": args.steps,
             "threads": torch.get_num_threads(), "seconds": round(time.time() - t0), "curve": curve,
             "train_sentence_wer_48": wer(sentences[:48]), "heldout_wer": wer(heldout)}
@@ -191,7 +224,13 @@ def main() -> None:
     p.add_argument("--window", type=int, default=stage2.WINDOW, help="frames per window (17: SALMONN's 0.333 s)")
     p.add_argument("--crop", type=int, default=1500, help="first encoder frames used (408: 8.2 s, single sentences)")
     p.add_argument("--clips", choices=["single", "all"], default="single", help="all: packed clips too")
-    p.add_argument("--init", choices=["bert", "xavier"], default="bert")
+    p.add_argument("--init", choices=["bert", "xavier", "quiet-query"], default="bert",
+                   help="quiet-query: stage2.quiet_query_init (window content dominates the residual at step 0)")
+    p.add_argument("--rank", type=int, default=stage2.RANK, help="Q-Former matrices' rank (stage2.RANK)")
+    p.add_argument("--no-beats", action="store_true", help="zero BEATs input: the Q-Former sees Whisper only")
+    p.add_argument("--save", type=Path, help="write the trained probe's state_dict here")
+    p.add_argument("--teacher", type=Path, help="a saved pool probe: train the Q-Former to reproduce its output "
+                   "(MSE), through the teacher's own projection and CTC head")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -203,7 +242,7 @@ def main() -> None:
     print(json.dumps(result))
     runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+    tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(runs + [result], indent=1))
     tmp.replace(RESULTS)
 

@@ -55,7 +55,7 @@ class LowRankLinear(nn.Module):
         return self.u @ self.v
 
 
-def low_rank_qformer(qformer: SpeechQFormer, qk_rank: int = QK_RANK) -> dict[str, LowRankLinear]:
+def low_rank_qformer(qformer: SpeechQFormer, qk_rank: int = QK_RANK, rank: int = RANK) -> dict[str, LowRankLinear]:
     """Swap every Linear of the Q-Former for a LowRankLinear; returns them by module name. `qk_rank`
     is the self-attention query/key rank (QK_RANK suits one query token, where they are inert)."""
     swapped = {}
@@ -63,11 +63,23 @@ def low_rank_qformer(qformer: SpeechQFormer, qk_rank: int = QK_RANK) -> dict[str
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{name}.{child_name}" if name else child_name
-                rank = qk_rank if ".attention.self.query" in full or ".attention.self.key" in full else RANK
-                low = LowRankLinear(child, rank)
+                inert = ".attention.self.query" in full or ".attention.self.key" in full
+                low = LowRankLinear(child, qk_rank if inert else rank)
                 setattr(module, child_name, low)
                 swapped[full] = low
     return swapped
+
+
+def quiet_query_init(qformer: SpeechQFormer, gain: float = 0.05) -> None:
+    """Start the Q-Former with the window's content, not its query, in the residual stream.
+
+    Every BERT sublayer is post-LayerNorm, so the (input-independent) query token re-enters at unit
+    scale after the first self-attention and dominates what cross-attention adds: measured on the
+    demo's features at BERT init, the mean output vector has norm 26.9 against a 6.4 per-window
+    deviation. Shrinking the gain of the first self-attention's LayerNorm makes the cross-attention
+    sum mostly window content. Only an initial value: the trained weights are an ordinary checkpoint."""
+    with torch.no_grad():
+        qformer.bert.encoder.layer[0].attention.output.LayerNorm.weight.fill_(gain)
 
 
 def window_queries(ln_speech: nn.LayerNorm, ln_audio: nn.LayerNorm, qformer: SpeechQFormer, query: torch.Tensor,
