@@ -8,6 +8,14 @@
   With 8-frame windows (0.16 s) a 30-s window gives 187 speech tokens, 6.2 per second, against
   ~3.5 BPE tokens per second of speech (fewer windows than tokens would make CTC impossible: the
   challenge's 17-frame windows give 2.9 per second).
+- `train_teacher` + `distill` (before `train_adapter_ctc`): measured on this data (demo_probes.json),
+  CTC straight through the Q-Former stays at chance (6.9-7.1 nats, held-out WER 0.91-1.0 after
+  250 steps, whatever its rank, BEATs input, init gain or lr), while a mean-pooled window + MLP
+  (`PoolTeacher`) learns in the same steps (2.5 nats, WER 0.63). The Q-Former can compute what the
+  pool computes — regressing its output on the pool's (MSE, 250 steps) reaches 0.13 relative error
+  and WER 0.71 through the pool's head — so the teacher is trained first, the Q-Former is distilled
+  from it, and the projection and CTC head start as the teacher's. Training-only: nothing of the
+  teacher is in the checkpoint.
 - `train_reader`: the SALMONN loss (stage2.Trainee.loss: transcript / caption after the prompt-
   wrapped speech tokens), starting from the adapter, LoRA (r 8, q/v) on the LLM, optionally the
   whole LLM at `llm_lr`; validation token accuracy picks `checkpoint_best.pth` as the challenge's
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import stage2
 import torch
+import torch.nn.functional as F
 
 # Initial CTC logit scale (stage2.Trainee.ctc_loss). Pilots (demo_pilots.json, batch 8): at lr 1e-3
 # scale 4 went 10.4 → 8.1 nats in 70 steps (ln 4,000 = 8.3: chance), scale 16 stayed at 13-20;
@@ -78,6 +87,115 @@ def _split(feats: stage2.Features, seed: int) -> tuple[list[int], list[int]]:
     return sorted(set(train) - set(valid) - leaks), valid
 
 
+class PoolTeacher(torch.nn.Module):
+    """Mean of each window's normed Whisper frames → 2-layer MLP (768) → projection to the LLM width
+    → CTC logits over the LLM's vocabulary (blank = [PAD]), the head starting as the LLM's unit
+    input embeddings × CTC_SCALE (as stage2's `ctc_head="linear"`), so projected windows lean
+    toward the embeddings of the tokens they carry."""
+
+    def __init__(self, whisper_width: int, hidden: int, table: torch.Tensor, blank: int, window: int):
+        super().__init__()
+        self.window, self.blank = window, blank
+        self.ln_speech = torch.nn.LayerNorm(whisper_width)
+        self.pool = torch.nn.Sequential(torch.nn.Linear(whisper_width, 768), torch.nn.GELU(), torch.nn.Linear(768, 768))
+        self.proj = torch.nn.Linear(768, hidden)
+        self.head = torch.nn.Linear(hidden, table.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(torch.nn.functional.normalize(table.float(), dim=-1) * CTC_SCALE)
+            self.head.bias.zero_()
+            self.head.bias[blank] = 2.0
+
+    def features(self, whisper_out: torch.Tensor) -> torch.Tensor:
+        """[B, 1500, width] → [B, windows, 768] (the Q-Former's output shape)."""
+        return self.pool(self.ln_speech(whisper_out).unfold(1, self.window, self.window).mean(-1))
+
+    def ctc_loss(self, whisper_out: torch.Tensor, token_ids: list[list[int]]) -> torch.Tensor:
+        log_probs = self.head(self.proj(self.features(whisper_out))).float().log_softmax(-1).transpose(0, 1)
+        targets = [t[: log_probs.shape[0]] for t in token_ids]
+        return F.ctc_loss(log_probs, torch.tensor([x for t in targets for x in t]), [log_probs.shape[0]] * len(targets),
+                          [len(t) for t in targets], blank=self.blank, zero_infinity=True)
+
+
+def _teacher(work: Path, llm: Path, feats: stage2.Features, window: int) -> PoolTeacher:
+    from salmonn_export.model.llm import load_base_llm, load_tokenizer, resize_with_mean_rows
+
+    tokenizer = load_tokenizer(llm)
+    base = load_base_llm(llm)
+    resize_with_mean_rows(base, len(tokenizer))  # [PAD], the CTC blank, as in stage2.Trainee
+    table = base.get_input_embeddings().weight.detach()
+    return PoolTeacher(feats.whisper_width, table.shape[1], table, tokenizer.pad_token_id, window)
+
+
+def train_teacher(work: Path, llm: Path, steps: int, batch: int, window: int, seed: int, log,
+                  lr: float = 3e-3) -> dict:
+    """CTC-train the PoolTeacher on the training ASR clips (validation clips excluded); work/teacher.pt."""
+    from salmonn_export.model.llm import load_tokenizer
+
+    torch.manual_seed(seed)
+    feats = stage2.Features(work)
+    tokenizer = load_tokenizer(llm)
+    teacher = _teacher(work, llm, feats, window)
+    train, _ = _split(feats, seed)
+    asr = [i for i in train if feats.clips[i]["task"] == "asr"]
+    opt = torch.optim.AdamW(teacher.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        index = random.Random(seed * 1_000_003 + step).sample(asr, batch)
+        w, _, _, texts = feats.batch(index)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = teacher.ctc_loss(w, [tokenizer(t, add_special_tokens=False).input_ids for t in texts])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            log("teacher-progress", step=step + 1, ctc_loss=round(float(np.mean(losses[-200:])), 3),
+                seconds=round(time.time() - t0, 1))
+    torch.save(teacher.state_dict(), work / "teacher.pt.tmp")
+    (work / "teacher.pt.tmp").rename(work / "teacher.pt")
+    return {"steps": steps, "batch": batch, "final_ctc_loss": round(float(np.mean(losses[-50:])), 3)}
+
+
+def distill(model: stage2.Trainee, work: Path, llm: Path, feats: stage2.Features, asr: list[int], steps: int,
+            batch: int, seed: int, log, lr: float = 3e-3) -> float:
+    """Regress the Q-Former's window outputs on the teacher's pooled features (MSE / target variance);
+    then the projection and CTC head start as the teacher's. Returns the last 50 steps' mean loss."""
+    teacher = _teacher(work, llm, feats, model.window)
+    teacher.load_state_dict(torch.load(work / "teacher.pt", weights_only=True))
+    teacher.eval().requires_grad_(False)
+    params = [*model.ln_speech.parameters(), *model.ln_audio.parameters(), *model.speech_Qformer.parameters(),
+              model.speech_query_tokens]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        index = random.Random(seed * 2_000_003 + step).sample(asr, batch)
+        w, b, _, _ = feats.batch(index)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                target = teacher.features(w).float()
+            out = stage2.window_queries(model.ln_speech, model.ln_audio, model.speech_Qformer,
+                                        model.speech_query_tokens, w, b, model.window, model.stride)
+            loss = F.mse_loss(out.float().view_as(target), target) / target.var()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log("distill-progress", step=step + 1, relative_mse=round(float(np.mean(losses[-100:])), 4),
+                seconds=round(time.time() - t0, 1))
+    with torch.no_grad():
+        model.speech_llama_proj.load_state_dict(teacher.proj.state_dict())
+        if model.ctc_linear is not None:
+            model.ctc_linear.load_state_dict(teacher.head.state_dict())
+    return float(np.mean(losses[-50:]))
+
+
 def make_trainee(work: Path, llm: Path, end_sym: str, window: int, queries: int, feats: stage2.Features,
                  ctc_head: str = "cosine") -> stage2.Trainee:
     return stage2.Trainee(llm, feats.whisper_width, feats.beats_width, ctc_weight=1.0, window=window,
@@ -85,8 +203,11 @@ def make_trainee(work: Path, llm: Path, end_sym: str, window: int, queries: int,
 
 
 def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: int, window: int, queries: int,
-                      seed: int, log, lr: float = 3e-3, checkpoint_every: int = 200, ctc_head: str = "cosine") -> dict:
-    """CTC pre-training of the adapter; writes work/adapter.pt (trainable tensors incl. the CTC head)."""
+                      seed: int, log, lr: float = 3e-3, checkpoint_every: int = 200, ctc_head: str = "cosine",
+                      distill_steps: int = 0) -> dict:
+    """CTC pre-training of the adapter; writes work/adapter.pt (trainable tensors incl. the CTC head).
+    With `distill_steps`, the Q-Former is first distilled from work/teacher.pt (`distill`); that
+    part is redone on resume (a few minutes), the CTC steps resume where they stopped."""
     torch.manual_seed(seed)
     feats = stage2.Features(work)
     model = make_trainee(work, llm, end_sym, window, queries, feats, ctc_head)
@@ -94,8 +215,14 @@ def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: in
         if ".lora_" in n:
             p.requires_grad_(False)
     params = list(_trainable(model).values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     resume = work / "adapter_resume.pt"
+    distilled = None
+    if distill_steps and not resume.exists():
+        train, _ = _split(feats, seed)
+        distilled = distill(model, work, llm, feats, [i for i in train if feats.clips[i]["task"] == "asr"],
+                            distill_steps, batch, seed, log)
+        _save_resume(resume, model, torch.optim.AdamW(params, lr=lr, weight_decay=0.05), 0, {})
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     start, _ = _load_resume(resume, model, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
     for _ in range(start):
@@ -122,7 +249,8 @@ def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: in
     state = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n and p.requires_grad}
     torch.save(state, work / "adapter.pt.tmp")
     (work / "adapter.pt.tmp").rename(work / "adapter.pt")
-    return {"steps": steps, "batch": batch, "final_ctc_loss": round(float(np.mean(losses[-50:])), 3) if losses else None}
+    return {"steps": steps, "batch": batch, "final_ctc_loss": round(float(np.mean(losses[-50:])), 3) if losses else None,
+            "distill_steps": distill_steps, "distill_relative_mse": None if distilled is None else round(distilled, 4)}
 
 
 def train_reader(work: Path, llm: Path, end_sym: str, steps: int, batch: int, window: int, queries: int, seed: int,

