@@ -67,6 +67,16 @@ def _load_resume(path: Path, model, opt) -> tuple[int, dict]:
     return int(ckpt["step"]), {k: v for k, v in ckpt.items() if k not in ("params", "optimizer", "step")}
 
 
+def _optimizer_step(loss: torch.Tensor, opt, sched, params, losses: list[float]) -> None:
+    """One AdamW step, gradients clipped to norm 1, the schedule advanced, the loss recorded."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params), 1.0)
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+
+
 def _cosine(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -145,12 +155,7 @@ def train_teacher(work: Path, llm: Path, steps: int, batch: int, window: int, se
         w, _, _, texts = feats.batch(index)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = teacher.ctc_loss(w, [tokenizer(t, add_special_tokens=False).input_ids for t in texts])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        _optimizer_step(loss, opt, sched, teacher.parameters(), losses)
         if (step + 1) % 200 == 0 or step + 1 == steps:
             log("teacher-progress", step=step + 1, ctc_loss=round(float(np.mean(losses[-200:])), 3),
                 seconds=round(time.time() - t0, 1))
@@ -180,12 +185,7 @@ def distill(model: stage2.Trainee, work: Path, llm: Path, feats: stage2.Features
             out = stage2.window_queries(model.ln_speech, model.ln_audio, model.speech_Qformer,
                                         model.speech_query_tokens, w, b, model.window, model.stride)
             loss = F.mse_loss(out.float().view_as(target), target) / target.var()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        _optimizer_step(loss, opt, sched, params, losses)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             log("distill-progress", step=step + 1, relative_mse=round(float(np.mean(losses[-100:])), 4),
                 seconds=round(time.time() - t0, 1))
@@ -236,12 +236,7 @@ def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: in
         w, b, tasks, texts = feats.batch(index)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model.ctc_loss(model.speech(w, b), tasks, texts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        _optimizer_step(loss, opt, sched, params, losses)
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             _save_resume(resume, model, opt, step + 1, {})
             log("adapter-progress", step=step + 1, ctc_loss=round(float(np.mean(losses[-checkpoint_every:])), 3),
@@ -291,12 +286,7 @@ def train_reader(work: Path, llm: Path, end_sym: str, steps: int, batch: int, wi
         index = random.Random(seed * 1_000_003 + step).sample(train, batch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = model.loss(*feats.batch(index))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        _optimizer_step(loss, opt, sched, params, losses)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             metrics = stage2.evaluate(model, feats, valid)
             log("reader-eval", step=step + 1, train_loss=round(float(np.mean(losses[-eval_every:])), 4), valid=metrics,
