@@ -1,20 +1,25 @@
 """The demo training's pooled-window teacher (benchmarks/demo_model/reader.py, issue 17): distilling
 it into the Q-Former is only sound if window k of both covers the same Whisper frames."""
 
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "demo_model"))
-reader = pytest.importorskip("reader")
+from salmonn_export.model.qformer import num_windows, qformer_windows
 
-from salmonn_export.model.qformer import num_windows, qformer_windows  # noqa: E402
+DEMO_TRAINING = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_model"
+
+
+@pytest.fixture()
+def reader(monkeypatch):
+    monkeypatch.syspath_prepend(str(DEMO_TRAINING))
+    return importlib.import_module("reader")
 
 
 @pytest.mark.parametrize("window", [6, 8, 17])
-def test_teacher_windows_are_the_qformers(window):
+def test_teacher_windows_are_the_qformers(reader, window):
     frames, width = 1500, 12
     table = torch.randn(40, 16)
     teacher = reader.PoolTeacher(width, 16, table, blank=39, window=window)
@@ -31,7 +36,7 @@ def test_teacher_windows_are_the_qformers(window):
         assert qformer_side.abs().sum((-1, -2)).nonzero().flatten().tolist() == [frame // window]
 
 
-def test_teacher_head_starts_at_the_embeddings_with_the_pad_blank():
+def test_teacher_head_starts_at_the_embeddings_with_the_pad_blank(reader):
     table = torch.randn(40, 16)
     teacher = reader.PoolTeacher(12, 16, table, blank=39, window=6)
     expected = torch.nn.functional.normalize(table, dim=-1) * reader.CTC_SCALE
