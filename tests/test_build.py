@@ -21,22 +21,17 @@ from salmonn_export.transforms.quantize import output_error, quantize_model
 
 
 @pytest.fixture(scope="module")
-def calib_dir(calib_audio_dir):
-    return calib_audio_dir
+def calib(tiny_model, calib_audio_dir):
+    return build_calibration(tiny_model, calibration_items(calib_audio_dir), load_recipe("w4a16").calibration)
 
 
 @pytest.fixture(scope="module")
-def calib(tiny_model, calib_dir):
-    return build_calibration(tiny_model, calibration_items(calib_dir), load_recipe("w4a16").calibration)
-
-
-@pytest.fixture(scope="module")
-def bundles(tiny_dir, calib_dir, tmp_path_factory):
+def bundles(tiny_dir, calib_audio_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     out = {}
     for name in ("fp32", "w4a16"):
         out[name] = build_bundle(tiny_dir / "config.yaml", load_recipe(name),
-                                 BuildOptions(out=root / name, calib=calib_dir))
+                                 BuildOptions(out=root / name, calib=calib_audio_dir))
     return out
 
 
@@ -107,8 +102,9 @@ def test_int4_decoder_runs_in_ort_with_matmul_nbits_from_the_gptq_codes(bundles,
     assert manifest["quantization"]["llm_eval_on_calibration"]["positions"] > 0
 
 
-def test_bundle_is_deterministic(bundles, tiny_dir, calib_dir, tmp_path):
-    again = build_bundle(tiny_dir / "config.yaml", load_recipe("w4a16"), BuildOptions(out=tmp_path / "again", calib=calib_dir))
+def test_bundle_is_deterministic(bundles, tiny_dir, calib_audio_dir, tmp_path):
+    again = build_bundle(tiny_dir / "config.yaml", load_recipe("w4a16"),
+                         BuildOptions(out=tmp_path / "again", calib=calib_audio_dir))
     first = json.loads(open(f"{bundles['w4a16']['bundle']}/manifest.json").read())
     second = json.loads(open(f"{again['bundle']}/manifest.json").read())
     assert first["files"] == second["files"]

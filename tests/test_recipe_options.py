@@ -18,13 +18,12 @@ from salmonn_export.recipes import RECIPES_DIR, load_recipe, parse_recipe
 
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_dir, calib_audio_dir, tmp_path_factory):
-    calib = calib_audio_dir
     root = tmp_path_factory.mktemp("int8")
     data = yaml.safe_load((RECIPES_DIR / "w4a8-int8enc.yaml").read_text())
     data["components"]["llm"] = {"precision": "fp32"}  # int8 encoders only: no GPTQ in this test
     recipe = parse_recipe({**data, "name": "int8-encoders"})
-    report = build_bundle(tiny_dir / "config.yaml", recipe, BuildOptions(out=root / "int8", calib=calib))
-    fp32 = build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=root / "fp32", calib=calib))
+    report = build_bundle(tiny_dir / "config.yaml", recipe, BuildOptions(out=root / "int8", calib=calib_audio_dir))
+    fp32 = build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=root / "fp32", calib=calib_audio_dir))
     return root / "int8", root / "fp32", report, fp32
 
 

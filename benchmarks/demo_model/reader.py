@@ -126,7 +126,7 @@ class PoolTeacher(torch.nn.Module):
                           [len(t) for t in targets], blank=self.blank, zero_infinity=True)
 
 
-def _teacher(work: Path, llm: Path, feats: stage2.Features, window: int) -> PoolTeacher:
+def _teacher(llm: Path, feats: stage2.Features, window: int) -> PoolTeacher:
     from salmonn_export.model.llm import load_base_llm, load_tokenizer, resize_with_mean_rows
 
     tokenizer = load_tokenizer(llm)
@@ -144,7 +144,7 @@ def train_teacher(work: Path, llm: Path, steps: int, batch: int, window: int, se
     torch.manual_seed(seed)
     feats = stage2.Features(work)
     tokenizer = load_tokenizer(llm)
-    teacher = _teacher(work, llm, feats, window)
+    teacher = _teacher(llm, feats, window)
     train, _ = _split(feats, seed)
     asr = [i for i in train if feats.clips[i]["task"] == "asr"]
     opt = torch.optim.AdamW(teacher.parameters(), lr=lr, weight_decay=0.01)
@@ -168,7 +168,7 @@ def distill(model: stage2.Trainee, work: Path, llm: Path, feats: stage2.Features
             batch: int, seed: int, log, lr: float = 3e-3) -> float:
     """Regress the Q-Former's window outputs on the teacher's pooled features (MSE / target variance);
     then the projection and CTC head start as the teacher's. Returns the last 50 steps' mean loss."""
-    teacher = _teacher(work, llm, feats, model.window)
+    teacher = _teacher(llm, feats, model.window)
     teacher.load_state_dict(torch.load(work / "teacher.pt", weights_only=True))
     teacher.eval().requires_grad_(False)
     params = [*model.ln_speech.parameters(), *model.ln_audio.parameters(), *model.speech_Qformer.parameters(),
@@ -216,14 +216,16 @@ def train_adapter_ctc(work: Path, llm: Path, end_sym: str, steps: int, batch: in
             p.requires_grad_(False)
     params = list(_trainable(model).values())
     resume = work / "adapter_resume.pt"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     distilled = None
     if distill_steps and not resume.exists():
         train, _ = _split(feats, seed)
         distilled = distill(model, work, llm, feats, [i for i in train if feats.clips[i]["task"] == "asr"],
                             distill_steps, batch, seed, log)
-        _save_resume(resume, model, torch.optim.AdamW(params, lr=lr, weight_decay=0.05), 0, {})
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    start, _ = _load_resume(resume, model, opt)
+        _save_resume(resume, model, opt, 0, {})  # a resumed run starts its CTC steps from these weights
+        start = 0
+    else:
+        start, _ = _load_resume(resume, model, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
     for _ in range(start):
         sched.step()

@@ -70,18 +70,6 @@ def low_rank_qformer(qformer: SpeechQFormer, qk_rank: int = QK_RANK, rank: int =
     return swapped
 
 
-def quiet_query_init(qformer: SpeechQFormer, gain: float = 0.05) -> None:
-    """Start the Q-Former with the window's content, not its query, in the residual stream.
-
-    Every BERT sublayer is post-LayerNorm, so the (input-independent) query token re-enters at unit
-    scale after the first self-attention and dominates what cross-attention adds: measured on the
-    demo's features at BERT init, the mean output vector has norm 26.9 against a 6.4 per-window
-    deviation. Shrinking the gain of the first self-attention's LayerNorm makes the cross-attention
-    sum mostly window content. Only an initial value: the trained weights are an ordinary checkpoint."""
-    with torch.no_grad():
-        qformer.bert.encoder.layer[0].attention.output.LayerNorm.weight.fill_(gain)
-
-
 def window_queries(ln_speech: nn.LayerNorm, ln_audio: nn.LayerNorm, qformer: SpeechQFormer, query: torch.Tensor,
                    whisper_out: torch.Tensor, beats_out: list[torch.Tensor], window: int = WINDOW,
                    stride: int | None = None) -> torch.Tensor:
