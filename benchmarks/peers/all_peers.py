@@ -35,18 +35,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleave, ours  # noqa: E402
 
+LLAMA_CPP_TYPES = ("F16", "Q8_0", "Q4_K_M", "Q4_0")
 
-def llama_cpp_systems(hf_llm: Path, src: Path, work: Path, n: int, threads: int, rng) -> list:
+
+def llama_cpp_systems(hf_llm: Path, src: Path, work: Path, n: int, threads: int, rng,
+                      types: tuple[str, ...] = LLAMA_CPP_TYPES) -> list:
     import llama_cpp
     from llamacpp_peer import convert, quantize
 
     f16 = convert(hf_llm, src, work / "llm-f16.gguf")
-    models = {"llama.cpp F16": f16,
-              "llama.cpp Q8_0": quantize(f16, work / "llm-q8_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
-              "llama.cpp Q4_K_M": quantize(f16, work / "llm-q4_k_m.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
-              "llama.cpp Q4_0": quantize(f16, work / "llm-q4_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)}
+    models = {"F16": lambda: f16,
+              "Q8_0": lambda: quantize(f16, work / "llm-q8_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
+              "Q4_K_M": lambda: quantize(f16, work / "llm-q4_k_m.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
+              "Q4_0": lambda: quantize(f16, work / "llm-q4_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)}
     systems = []
-    for name, path in models.items():
+    for kind in types:
+        name, path = f"llama.cpp {kind}", models[kind]()
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
         tokens = [int(t) for t in rng.integers(10, llm.n_vocab() - 20, n)]
 
@@ -166,6 +170,16 @@ def our_beam4(bundle: str, n: int, rng):
     return beam4
 
 
+_TABLES: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _random_table(vocab: int, hidden: int, rng) -> np.ndarray:
+    """One random embedding table per shape, shared by every decoder system (1 GB at 128k x 2048)."""
+    if (vocab, hidden) not in _TABLES:
+        _TABLES[vocab, hidden] = (rng.standard_normal((vocab, hidden)) * 0.02).astype(np.float32)
+    return _TABLES[vocab, hidden]
+
+
 def our_decoder(folder: Path, name: str, n: int, threads: int, rng) -> tuple:
     """A decoder graph alone (`decoder.onnx` + `llm.json`: layers, kv_heads, head_dim, vocab, hidden),
     run through the runtime's own KV cache and generation code exactly as `Engine` runs it."""
@@ -181,7 +195,7 @@ def our_decoder(folder: Path, name: str, n: int, threads: int, rng) -> tuple:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(folder / "decoder.onnx"), opts)
     outs = [o.name for o in sess.get_outputs()]
-    table = (rng.standard_normal((info["vocab"], info["hidden"])) * 0.02).astype(np.float32)
+    table = _random_table(info["vocab"], info["hidden"], rng)
     embeds = (rng.standard_normal((1, n, info["hidden"])) * 0.02).astype(np.float32)
     mask = np.ones((1, n), dtype=np.int64)
 
@@ -259,6 +273,8 @@ def main():
                     help="a decoder graph alone (decoder.onnx + llm.json), e.g. w4a8=/tmp/dec-w4a8")
     ap.add_argument("--hf-llm", type=Path, required=True)
     ap.add_argument("--llama-cpp-src", type=Path)
+    ap.add_argument("--llama-cpp-types", default=",".join(LLAMA_CPP_TYPES),
+                    help="comma-separated llama.cpp formats to time (F16 needs 2 bytes/param of RAM)")
     ap.add_argument("--genai", type=Path, help="folder written by onnxruntime_genai.models.builder")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llamacpp-peer"))
     ap.add_argument("--prompt-tokens", type=int, default=109)
@@ -266,6 +282,8 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-torch", dest="torch", action="store_false",
+                    help="leave PyTorch eager out (its fp32 copy of the LLM needs 4 bytes/param of RAM)")
     ap.add_argument("--torch-beam", action="store_true", help="also time transformers' 4-beam generate (slow)")
     ap.add_argument("--out", type=Path, required=True, help="prefix: writes PREFIX.json, PREFIX.md, PREFIX.png")
     args = ap.parse_args()
@@ -277,10 +295,12 @@ def main():
     load_before = os.getloadavg()
     systems = []
     if args.llama_cpp_src:
-        systems += llama_cpp_systems(args.hf_llm, args.llama_cpp_src, args.work, n, args.threads, rng)
+        systems += llama_cpp_systems(args.hf_llm, args.llama_cpp_src, args.work, n, args.threads, rng,
+                                     tuple(args.llama_cpp_types.split(",")))
     if args.genai:
         systems.append(genai_system(args.genai, n, args.threads, rng))
-    systems += torch_systems(args.hf_llm, n, args.compile, args.torch_beam)
+    if args.torch:
+        systems += torch_systems(args.hf_llm, n, args.compile, args.torch_beam)
     for spec in args.decoder:
         name, folder = spec.split("=", 1)
         systems.append(our_decoder(Path(folder), name, n, args.threads, rng))
