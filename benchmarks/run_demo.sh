@@ -9,7 +9,7 @@ HELDOUT=$1
 WORK=${2:-/tmp/salmonn-demo}
 SX=${SX:-.venv/bin/salmonn-export}
 OUT=benchmarks/results
-RECIPES=${RECIPES:-fp32 fp16 w8a16 w8a8 w4a16 w4a16-lmhead w4a8 w4a8-int8enc w4a16-rtn w4a16-textcalib}
+RECIPES=${RECIPES:-fp32 fp16 w8a16 w8a8 w4a16 w4a16-lmhead w4a8 w4a8-lmhead w4a8-int8enc w4a16-rtn w4a16-textcalib}
 LIMIT=${LIMIT:-50}   # held-out items per task
 mkdir -p "$WORK" "$OUT"
 [ -f "$WORK/set/annotation.json" ] || $SX demo-data "$WORK/set" > /dev/null
