@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,24 @@ def choose_providers(device: str, bundle: Path | None = None) -> list:
         return [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": True}),
                 "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [wanted, "CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [wanted]
+
+
+class SlowKernelWarning(RuntimeWarning):
+    """The bundle runs on a path ONNX Runtime has no fast kernel for on this provider."""
+
+
+def slow_kernel_note(manifest: dict, providers: list) -> str | None:
+    """Why this bundle will decode slowly here, or None. ONNX Runtime 1.32's CPU MatMulNBits has no
+    prepacked 8-bit kernel below accuracy_level 4: each call dequantizes the whole matrix and runs an
+    SGEMM (measured: challenge-1b w8a16 3.15 s per token, 13.7x PyTorch fp32; benchmarks/results/
+    peers_challenge_1b_a.md)."""
+    weights = ((manifest.get("recipe") or {}).get("components", {}).get("llm") or {}).get("weights") or {}
+    cpu_only = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers)
+    if cpu_only and weights.get("bits") == 8 and weights.get("accuracy_level", 0) < 4:
+        return (f"recipe {manifest['recipe'].get('name')}: 8-bit MatMulNBits at accuracy_level "
+                f"{weights.get('accuracy_level', 0)} has no fast CPU kernel in ONNX Runtime and decodes far slower "
+                "than fp32 here; on CPU build recipe w8a8 (int8 activations) instead")
+    return None
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -107,6 +126,9 @@ class Engine:
 
     def _load(self, ort, device: str, threads: int | None) -> None:
         self.providers = choose_providers(device, self.bundle)
+        note = slow_kernel_note(self.manifest, self.providers)
+        if note:
+            warnings.warn(note, SlowKernelWarning, stacklevel=3)
         threads = threads if threads is not None else int(os.environ.get("SALMONN_EXPORT_THREADS", "0"))
 
         def options(name: str):
