@@ -293,6 +293,7 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     n, rng = args.prompt_tokens, np.random.default_rng(0)
     load_before = os.getloadavg()
+    bandwidth_before = memory_bandwidth_gbs(threads=args.threads)
     systems = []
     if args.llama_cpp_src:
         systems += llama_cpp_systems(args.hf_llm, args.llama_cpp_src, args.work, n, args.threads, rng,
@@ -307,7 +308,10 @@ def main():
     for b in args.bundles:
         name, prefill, decode, size = ours(b, n, rng)
         systems.append((name, prefill, decode, size, our_beam4(b, n, rng)))
-    bandwidth = memory_bandwidth_gbs(threads=args.threads)
+    # the larger of two probes, before and after the runs: one probe once read 18 GB/s in a run
+    # whose PyTorch fp32 step alone moved 21 (this VM's bandwidth varies with its neighbours)
+    bandwidth_after = memory_bandwidth_gbs(threads=args.threads)
+    bandwidth = max(bandwidth_before, bandwidth_after)
     timed = interleave([s[:4] for s in systems], args.warmup, args.iters)
     beams = {s[0]: [] for s in systems if s[4] is not None}
     for _ in range(3):
@@ -319,6 +323,7 @@ def main():
         if name in beams:
             r["beam4_ms_per_token"] = 1000 * float(np.median(beams[name]))
     result = {"prompt_tokens": n, "iters": args.iters, "threads": args.threads, "read_bandwidth_gbs": bandwidth,
+              "read_bandwidth_before_after_load_gbs": [round(bandwidth_before, 1), round(bandwidth_after, 1)],
               "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
               "roofline_note": "fraction = weight bytes / decode step / read bandwidth (KV cache bytes not counted)",
               "systems": timed}

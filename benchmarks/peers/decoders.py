@@ -48,15 +48,17 @@ def main():
         recipe = load_recipe(name)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        llm, layers, level = copy.deepcopy(base), None, 0
+        # one copy per recipe, except the last (a 1B LLM in fp32 is 5 GB: two copies are the limit here)
+        llm, layers, level = (copy.deepcopy(base) if name != args.recipes[-1] else base), None, 0
         weights = recipe.llm.weights
         if weights is not None:
             weights = replace(weights, method="rtn")
-            layers = quantize_model(llm, weights, recipe.llm.skip_modules, None).layers
+            layers = quantize_model(llm, weights, recipe.llm.skip_modules, None, release_weights=True).layers
             level = weights.accuracy_level
         graph = build_decoder_graph(llm, folder / "decoder.onnx", layers, accuracy_level=level)
         (folder / "llm.json").write_text(json.dumps({**info, "recipe": name, "graph": graph.as_dict()}, indent=1))
         print(name, graph.as_dict(), flush=True)
+        del llm, layers
 
 
 if __name__ == "__main__":
