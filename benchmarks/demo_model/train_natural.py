@@ -63,6 +63,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--aac-heldout", type=int, default=50)
     ap.add_argument("--lm-steps", type=int, default=2000)
     ap.add_argument("--drill-steps", type=int, default=1000)
+    ap.add_argument("--induction-steps", type=int, default=400,
+                    help="random-token copy drills before the mixed ones (lm.train_drills phase 0)")
+    ap.add_argument("--min-copy", type=float, default=0.5,
+                    help="stop after the drills when held-out copy exact-match is below this")
     ap.add_argument("--teacher-steps", type=int, default=600, help="pooled-window CTC teacher (reader.train_teacher)")
     ap.add_argument("--distill-steps", type=int, default=400,
                     help="Q-Former distilled from the teacher before the adapter's CTC steps (0: none)")
@@ -176,7 +180,8 @@ def main() -> None:
     import lm
 
     run("lm", lambda: lm.train_lm(work, steps=args.lm_steps, seed=args.seed))
-    run("drills", lambda: lm.train_drills(work, steps=args.drill_steps, seed=args.seed))
+    run("drills", lambda: lm.train_drills(work, steps=args.drill_steps, seed=args.seed,
+                                          induction_steps=args.induction_steps, min_copy=args.min_copy))
     import reader
 
     if args.distill_steps:
