@@ -14,7 +14,8 @@ LIMIT=${LIMIT:-50}   # held-out items per task
 mkdir -p "$WORK" "$OUT"
 [ -f "$WORK/set/annotation.json" ] || $SX demo-data "$WORK/set" > /dev/null
 for r in $RECIPES; do
-  [ -f "$WORK/demo-$r/manifest.json" ] || $SX build --recipe "$r" --out "$WORK/demo-$r" --force --json > /dev/null
+  CALIB=(); [ "$r" = w4a16-textcalib ] && CALIB=(--calib "$WORK/set/annotation.json")  # text-only calibration needs texts
+  [ -f "$WORK/demo-$r/manifest.json" ] || $SX build --recipe "$r" "${CALIB[@]}" --out "$WORK/demo-$r" --force --json > /dev/null
   cp "$WORK/demo-$r/build_report.json" "$OUT/build_demo_$r.json"
   $SX verify "$WORK/demo-$r" --data "$WORK/set/annotation.json" --report "$OUT/verify_demo_$r.json" > /dev/null || true
 done
