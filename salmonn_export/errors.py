@@ -14,6 +14,15 @@ class SalmonnError(Exception):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class SalmonnWarning(UserWarning):
+    """Something a user should know that does not stop the command; the CLI prints it as one
+    `warning:` line on stderr (every other library warning is silenced there)."""
+
+
+class SlowKernelWarning(SalmonnWarning):
+    """The bundle runs on a path ONNX Runtime has no fast kernel for on this provider."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread by the CLI's handler so that every clean-up that runs on
     Ctrl-C (atomic folders removed, partial eval results kept for resuming) runs the same way."""

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from salmonn_export import __version__
-from salmonn_export.errors import SalmonnError, Terminated
+from salmonn_export.errors import SalmonnError, SalmonnWarning, Terminated
 from salmonn_export.generation_rules import MAX_NEW_TOKENS_LIMIT as MAX_NEW_TOKENS_LIMIT  # re-exported for the commands
 from salmonn_export.generation_rules import NUM_BEAMS_LIMIT as NUM_BEAMS_LIMIT
 
@@ -160,9 +160,16 @@ def bounded(low: float | None = None, high: float | None = None, *, above: float
     return check
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _quiet_libraries() -> None:
+    """Silence libraries' warnings; ours (SalmonnWarning) print as one `warning:` line, once."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("once", category=SalmonnWarning)
+    warnings.showwarning = _show_warning
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -17,7 +17,7 @@ import numpy as np
 
 from salmonn_export.audio import load_audio
 from salmonn_export.bundle import read_manifest
-from salmonn_export.errors import SalmonnError
+from salmonn_export.errors import SalmonnError, SlowKernelWarning
 from salmonn_export.generation_rules import check_generate
 from salmonn_export.runtime.features import beats_inputs, whisper_log_mel
 from salmonn_export.runtime.generation import GenerationSettings, generate
@@ -47,10 +47,6 @@ def choose_providers(device: str, bundle: Path | None = None) -> list:
         return [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": True}),
                 "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [wanted, "CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [wanted]
-
-
-class SlowKernelWarning(RuntimeWarning):
-    """The bundle runs on a path ONNX Runtime has no fast kernel for on this provider."""
 
 
 def slow_kernel_note(manifest: dict, providers: list) -> str | None:
