@@ -48,6 +48,8 @@ def read_manifest(bundle: str | Path, verify_hashes: bool = True) -> dict[str, A
     """Load and check a bundle's manifest: format version, files present, hashes equal."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
+    if not bundle.exists():
+        raise SalmonnError("engine bundle does not exist (build one with `salmonn-export build`)", bundle)
     if not path.is_file():
         raise SalmonnError("not an engine bundle (no manifest.json)", bundle)
     try:

@@ -221,6 +221,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = builtins[text]
     else:
         path = Path(text).expanduser()
+        if not path.is_file() and (path.suffix in (".yaml", ".yml") or len(path.parts) > 1):
+            raise SalmonnError("recipe file does not exist", path)
         if not path.is_file():
             raise SalmonnError(f"unknown recipe `{text}`; built-in recipes: {', '.join(builtins)} (or give a .yaml path)")
     try:

@@ -25,6 +25,7 @@ def templated_prompt(prompts: dict[str, str], task: str, template: str) -> str:
     """`prompt_template.format(test_prompt[task])`; `{}` placeholders stay unfilled, as in evaluate_salmonn."""
     key = task_key(task)
     if key not in prompts:
-        raise SalmonnError(f"unknown task `{task}`; known: asr, aac, " + ", ".join(sorted(prompts)))
+        known = dict.fromkeys(["asr", "aac", *(short_task(k) for k in sorted(prompts))])  # once each, in order
+        raise SalmonnError(f"unknown task `{task}`; known: " + ", ".join(known))
     prompt = prompts[key]
     return template.format(prompt) if template else prompt

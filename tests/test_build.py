@@ -135,6 +135,10 @@ def test_manifest_detects_missing_altered_and_newer_bundles(bundles, tmp_path):
 def test_bad_recipes_and_outputs(tiny_dir, tmp_path, bundles):
     with pytest.raises(SalmonnError, match="unknown recipe `w3a7`"):
         load_recipe("w3a7")
+    for missing in (tmp_path / "mine.yaml", tmp_path / "recipes" / "w4a16", "recipes/mine.yml"):
+        with pytest.raises(SalmonnError, match="recipe file does not exist") as err:
+            load_recipe(missing)
+        assert err.value.path == str(Path(missing).expanduser())
     with pytest.raises(SalmonnError, match=r"components\.llm\.weights\.bitz"):
         parse_recipe({"name": "x", "components": {"llm": {"weights": {"bitz": 4}}}})
     with pytest.raises(SalmonnError, match="group_size` must be a power of two"):

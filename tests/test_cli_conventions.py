@@ -171,7 +171,7 @@ def _free_port() -> int:
 
 
 BAD_BUNDLES = [
-    (lambda d: d / "missing", "not an engine bundle"),
+    (lambda d: d / "missing", "engine bundle does not exist"),
     (lambda d: d, "not an engine bundle (no manifest.json)"),
     (lambda d: (d / "manifest.json").write_text("{oops") and d, "manifest.json is not valid JSON"),
     (lambda d: (d / "manifest.json").write_text('{"format_version": 99}') and d, "bundle format 99"),
@@ -346,3 +346,13 @@ def test_sigterm_during_eval_keeps_the_resumable_state_like_ctrl_c(tmp_path, tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.json", "sub.csv.partial.jsonl"]
     kept = [json.loads(line) for line in partial.read_text().splitlines()]
     assert "meta" in kept[0] and all("text" in r for r in kept[1:])
+
+
+def test_unknown_prompt_task_lists_each_known_task_once():
+    from salmonn_export.tasks import templated_prompt
+
+    prompts = {"asr": "a", "audiocaption_v2": "c", "QA": "q", "asr_de": "d"}
+    with pytest.raises(SalmonnError, match="unknown task `foo`") as info:
+        templated_prompt(prompts, "foo", "")
+    known = str(info.value).split("known: ")[1].split(", ")
+    assert known == ["asr", "aac", "QA", "asr_de"]

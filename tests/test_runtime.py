@@ -99,6 +99,8 @@ def test_engine_refuses_altered_or_incomplete_bundles(fp32_bundle, tmp_path):
         Engine(bad)
     with pytest.raises(SalmonnError, match="no manifest.json"):
         Engine(tmp_path)
+    with pytest.raises(SalmonnError, match="engine bundle does not exist"):
+        Engine(tmp_path / "not-there")
     with pytest.raises(SalmonnError, match="--device cuda"):
         Engine(fp32_bundle, device="cuda")
 
