@@ -222,7 +222,7 @@ def test_serve_app_startup_failure_removes_its_private_temp_folder(tmp_path, mon
     from salmonn_export.serve.app import ServeSettings, create_app
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with pytest.raises(SalmonnError, match="not an engine bundle"):
+    with pytest.raises(SalmonnError, match="engine bundle does not exist"):
         with TestClient(create_app(ServeSettings(engine=tmp_path / "nope"))):
             pass
     assert list(tmp_path.iterdir()) == []
