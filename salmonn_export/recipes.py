@@ -221,9 +221,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = builtins[text]
     else:
         path = Path(text).expanduser()
-        if not path.is_file() and (path.suffix in (".yaml", ".yml") or len(path.parts) > 1):
-            raise SalmonnError("recipe file does not exist", path)
         if not path.is_file():
+            if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:  # meant as a file, not a recipe name
+                raise SalmonnError("recipe file does not exist", path)
             raise SalmonnError(f"unknown recipe `{text}`; built-in recipes: {', '.join(builtins)} (or give a .yaml path)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -115,3 +115,17 @@ def test_demo_data_eval_score_validate_merge_cli(tmp_path, tiny_dir):
     assert run("validate-submission", tmp_path / "asr.csv", *common, "--task", "asr").returncode == 0
     bad = run("validate-submission", tmp_path / "asr.csv", *common, "--task", "aac", check=False)
     assert bad.returncode == 1 and "missing" in bad.stdout
+
+
+def test_cli_prints_our_warning_once_as_one_line(tmp_path, tiny_dir, audio_dir, calib_audio_dir):
+    """The CLI silences library warnings but prints ours: `run` on a w8a16 bundle (ONNX Runtime's
+    slow 8-bit CPU path) says so once, as one `warning:` line."""
+    from salmonn_export.export.build import BuildOptions, build_bundle
+    from salmonn_export.recipes import load_recipe
+
+    bundle = tmp_path / "w8a16"
+    build_bundle(tiny_dir / "config.yaml", load_recipe("w8a16"), BuildOptions(out=bundle, calib=calib_audio_dir))
+    proc = run("run", "--engine", bundle, "--task", "asr", "--max-new-tokens", "2",
+               audio_dir / "speech_a.wav", audio_dir / "stereo_22k.wav")
+    lines = [line for line in proc.stderr.splitlines() if "accuracy_level" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: recipe w8a16:") and "w8a8" in lines[0]

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleave, ours  # noqa: E402
 
-LLAMA_CPP_TYPES = ("F16", "Q8_0", "Q4_K_M", "Q4_0")
+LLAMA_CPP_TYPES = ("F16", "Q8_0", "Q4_K_M", "Q4_0")  # quantized from F16 by llama.cpp (LLAMA_FTYPE_MOSTLY_<type>)
 
 
 def llama_cpp_systems(hf_llm: Path, src: Path, work: Path, n: int, threads: int, rng,
@@ -44,13 +44,11 @@ def llama_cpp_systems(hf_llm: Path, src: Path, work: Path, n: int, threads: int,
     from llamacpp_peer import convert, quantize
 
     f16 = convert(hf_llm, src, work / "llm-f16.gguf")
-    models = {"F16": lambda: f16,
-              "Q8_0": lambda: quantize(f16, work / "llm-q8_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
-              "Q4_K_M": lambda: quantize(f16, work / "llm-q4_k_m.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
-              "Q4_0": lambda: quantize(f16, work / "llm-q4_0.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)}
     systems = []
     for kind in types:
-        name, path = f"llama.cpp {kind}", models[kind]()
+        name = f"llama.cpp {kind}"
+        path = f16 if kind == "F16" else quantize(f16, work / f"llm-{kind.lower()}.gguf",
+                                                  getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}"))
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
         tokens = [int(t) for t in rng.integers(10, llm.n_vocab() - 20, n)]
 

@@ -44,12 +44,13 @@ def main():
     info = {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads, "hidden": cfg.hidden_size,
             "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
             "vocab": base.lm_head.weight.shape[0]}
-    for name in args.recipes:
+    for i, name in enumerate(args.recipes):
         recipe = load_recipe(name)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        # one copy per recipe, except the last (a 1B LLM in fp32 is 5 GB: two copies are the limit here)
-        llm, layers, level = (copy.deepcopy(base) if name != args.recipes[-1] else base), None, 0
+        # one copy per recipe, except the last, which quantizes the base itself (a 1B LLM in fp32 is 5 GB)
+        last = i == len(args.recipes) - 1
+        llm, layers, level = (base if last else copy.deepcopy(base)), None, 0
         weights = recipe.llm.weights
         if weights is not None:
             weights = replace(weights, method="rtn")
