@@ -70,7 +70,7 @@ def read_annotation(path: str | Path, task: str | None = None, audio_root: str |
     if not path.is_file():
         raise SalmonnError("annotation file not found", path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise SalmonnError(f"annotation is not valid JSON ({exc})", path) from None
     if not isinstance(data, dict) or not isinstance(data.get("annotation"), list):

@@ -22,7 +22,7 @@ def load_prompt_file(path: str | Path) -> dict[str, str]:
     """A prompt JSON of task → prompt (or → list of prompts, as training files hold; the first is used)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise SalmonnError("prompt file not found", path) from None
     except (ValueError, UnicodeDecodeError) as exc:
