@@ -27,8 +27,21 @@ def test_counts_match_the_spec_formula(tiny_model, seconds, beats_tokens):
     assert tuple(speech.shape) == (1, 88, 64)
 
 
-def test_unfold_windowing_equals_reshape_of_first_1496_frames():
-    x = torch.randn(3, 1500, 10)
-    windows = qformer_windows(x, 17, 17)
-    assert tuple(windows.shape) == (3 * 88, 17, 10)
-    assert torch.equal(windows, x[:, :1496].reshape(3, 88, 17, 10).reshape(-1, 17, 10))
+def _salmonn_unfold(fused, kernel, stride):
+    """SALMONN's own windowing (models/salmonn.py): F.unfold over [B, C, 1, T]."""
+    B, T, C = fused.shape
+    unfolded = torch.nn.functional.unfold(fused.transpose(1, 2).unsqueeze(2), kernel_size=(1, kernel), dilation=1,
+                                          padding=0, stride=(1, stride))
+    L = unfolded.shape[-1]
+    return unfolded.view(B, -1, kernel, L).permute(0, 3, 2, 1).reshape(-1, kernel, C)
+
+
+@pytest.mark.parametrize("batch,frames,kernel,stride", [(3, 1500, 17, 17), (1, 1500, 6, 6), (2, 1500, 25, 25),
+                                                        (2, 1500, 17, 8), (1, 1500, 16, 17), (2, 101, 7, 7)])
+def test_windowing_equals_salmonn_unfold(batch, frames, kernel, stride):
+    """The tiling fast path (stride == kernel: slice + reshape) and the general unfold path give
+    SALMONN's unfold windows bit for bit, overlapping and gapped windows included."""
+    x = torch.randn(batch, frames, 10)
+    windows = qformer_windows(x, kernel, stride)
+    assert tuple(windows.shape) == (batch * num_windows(frames, kernel, stride), kernel, 10)
+    assert torch.equal(windows, _salmonn_unfold(x, kernel, stride))
