@@ -218,3 +218,14 @@ def test_validation_runs_pytorch_before_the_model_is_freed(tiny_model, tmp_path)
     result = validate_component(spec, path, release=release)
     assert released and result["passed"] and result["cosine"] > 0.99999
     assert next(model.parameters()).device.type == "meta"
+
+
+def test_int8_activation_decoder_is_validated_on_its_own_kernel(challenge_tied_fixture, calib_audio_dir, tmp_path):
+    """w4a8-lmhead on the challenge-written tied fixture: the decoder's validation runs ORT's prepacked
+    accuracy_level-4 kernel (int8 activations: visibly not equal to the dequantized PyTorch model,
+    max relative error ~0.15 here), and passes on cosine as an int8 graph should. Opening the graph
+    without prepacked weights would silently test MatMulNBits' fp32 fallback (error ~1e-6) instead."""
+    report = build_bundle(challenge_tied_fixture / "config.yaml", load_recipe("w4a8-lmhead"),
+                          BuildOptions(out=tmp_path / "w4a8-lmhead", calib=calib_audio_dir))
+    decoder = report["validation"]["decoder"]
+    assert decoder["max_rel"] > 1e-3 and decoder["cosine"] > 0.99

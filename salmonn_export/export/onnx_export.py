@@ -111,14 +111,18 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
 
 
 @torch.no_grad()
-def validate_component(spec: ExportSpec, path: Path, seed: int = 1, release: Callable[[], None] | None = None) -> dict:
+def validate_component(spec: ExportSpec, path: Path, seed: int = 1, release: Callable[[], None] | None = None,
+                       prepack: bool = True) -> dict:
     """Run ORT and PyTorch on fresh inputs; worst case over inputs and outputs.
 
     Each input reaches ORT in the dtype the graph declares (an fp16 decoder keeps fp16 past
     key/values); PyTorch gets the same values, rounded to that dtype and back. PyTorch runs every
     case first; then `release()` (if given) may free the PyTorch model before ORT opens the graph,
     so the two are never resident together (a 3B fp32 decoder: 6.4 GB of fp16-held torch layers
-    plus the graph's weights). Raises SalmonnError when an output's shape differs from PyTorch's."""
+    plus the graph's weights). `prepack=False` opens the graph without packed weight copies (`session`):
+    only for plain MatMul graphs, as the quantized kernels (MatMulNBits at accuracy_level 4, int8
+    MatMulInteger) take another code path without their packed weights and would not be the ones
+    tested. Raises SalmonnError when an output's shape differs from PyTorch's."""
     gen = torch.Generator().manual_seed(seed)
     graph_inputs = onnx.load(str(path), load_external_data=False).graph.input
     graph_dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph_inputs}
@@ -132,7 +136,7 @@ def validate_component(spec: ExportSpec, path: Path, seed: int = 1, release: Cal
         runs.append((feeds, [r.numpy() for r in ref], [list(a.shape) for a in args[:2]]))
     if release is not None:
         release()
-    sess = session(path, prepack=False)
+    sess = session(path, prepack=prepack)
     worst = {"max_abs": 0.0, "max_rel": 0.0, "cosine": 1.0}
     for feeds, refs, _ in runs:
         outs = sess.run(spec.output_names, feeds)
