@@ -112,6 +112,7 @@ def verify(
         check_output_file(report, "report")
         check_output_file(report.with_suffix(".md"), "markdown report")
     bundle = engine_path(engine)
+    err.print(f"loading the engine {bundle}", highlight=False)
     eng = Engine(bundle)
     config = model or Path(eng.manifest["source"]["config"])
     if not config.is_file():
@@ -124,7 +125,9 @@ def verify(
         return [Item(p, "asr") for p in demo_clips("asr")] + [Item(p, "aac") for p in demo_clips("aac")]
 
     items = demo_items() if source.is_demo else verify_items(source.path, demo_items, source.audio_root)
+    err.print(f"loading the PyTorch reference {config} (a minute or more at real size)", highlight=False)
     reference = load_salmonn(config, low_memory=True)  # fp16-stored LLM stays fp16 (a 3B beside its bundle)
+    err.print(f"verifying on {len(items)} items (reference and engine, stage by stage, then end to end)", highlight=False)
     with Progress(console=err, transient=True) as progress:
         task_id = progress.add_task("verifying", total=len(items))
         result = run_verify(reference, eng, items, lambda done, total: progress.update(task_id, completed=done),
