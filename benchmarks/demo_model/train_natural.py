@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lm-steps", type=int, default=2000)
     ap.add_argument("--drill-steps", type=int, default=1000)
     ap.add_argument("--induction-steps", type=int, default=400,
-                    help="random-token copy drills after the mixed ones (lm.train_drills phase c)")
+                    help="random-token copy drills before the mixed ones (lm.train_drills phase 0)")
     ap.add_argument("--min-copy", type=float, default=0.5,
                     help="stop after the drills when held-out copy exact-match is below this")
     ap.add_argument("--teacher-steps", type=int, default=600, help="pooled-window CTC teacher (reader.train_teacher)")
