@@ -125,6 +125,42 @@ def test_verify_passes_fp32_and_fails_a_corrupted_bundle(tiny_model, engine, fp3
     assert not verdict["checks"]["speech_embeds_cosine"]["passed"]
 
 
+def test_cli_verify_frees_the_reference_before_the_engine_loads(tiny_model, engine, fp32_bundle, tiny_dir, audio_dir,
+                                                                 tmp_path, monkeypatch):
+    """`salmonn-export verify` runs the reference on every item, frees it, then loads the engine (so a
+    3B reference and an fp32 3B engine are never resident together), and reports what the
+    in-process `verify` of both loaded sides reports."""
+    import gc
+
+    from typer.testing import CliRunner
+
+    import salmonn_export.runtime.engine as engine_module
+    from salmonn_export.cli import app
+    from salmonn_export.model.salmonn import SALMONN
+
+    items = [Item(audio_dir / "speech_a.wav", "asr"), Item(audio_dir / "tone_2s.wav", "aac")]
+    expected = verify(tiny_model, engine, items)
+    alive_at_engine_load = []
+    real_init = engine_module.Engine.__init__
+
+    def init(self, *args, **kwargs):
+        gc.collect()
+        alive_at_engine_load.append(sum(isinstance(o, SALMONN) and o is not tiny_model for o in gc.get_objects()))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", init)
+    (tmp_path / "ann.json").write_text(json.dumps({"annotation": [
+        {"testset_id": f"t{n}", "path": str(i.audio), "task": "asr" if i.task == "asr" else "audiocaption_v2",
+         "text": "x"} for n, i in enumerate(items)]}))
+    result = CliRunner().invoke(app, ["verify", str(fp32_bundle), "--model", str(tiny_dir / "config.yaml"),
+                                      "--data", str(tmp_path / "ann.json"), "--report", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert alive_at_engine_load == [0]
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert saved["first_token"] == expected["first_token"] and saved["stages"] == expected["stages"]
+    assert [r["engine"] for r in saved["rows"]] == [r["engine"] for r in expected["rows"]]
+
+
 def test_runtime_runs_without_torch(fp32_bundle, audio_dir):
     code = f"""
 import sys

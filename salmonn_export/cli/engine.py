@@ -99,11 +99,23 @@ def verify(
 
     Example: salmonn-export verify engines/demo-w4a16 --report verify.json
     """
+    import gc
+    import tempfile
+
     from rich.progress import Progress
 
+    from salmonn_export.bundle import read_manifest
     from salmonn_export.dataset import choose_data
-    from salmonn_export.harness.parity import Item, judge, markdown_report, verify_items
-    from salmonn_export.harness.parity import verify as run_verify
+    from salmonn_export.harness.parity import (
+        Item,
+        Spill,
+        compare,
+        engine_pass,
+        judge,
+        markdown_report,
+        reference_pass,
+        verify_items,
+    )
     from salmonn_export.model.config import load_config
     from salmonn_export.model.salmonn import load_salmonn
     from salmonn_export.runtime.engine import Engine
@@ -112,9 +124,9 @@ def verify(
         check_output_file(report, "report")
         check_output_file(report.with_suffix(".md"), "markdown report")
     bundle = engine_path(engine)
-    err.print(f"loading the engine {bundle}", highlight=False)
-    eng = Engine(bundle)
-    config = model or Path(eng.manifest["source"]["config"])
+    err.print(f"checking the engine bundle {bundle}", highlight=False)
+    manifest = read_manifest(bundle)  # a broken bundle stops here, not after the reference pass
+    config = model or Path(manifest["source"]["config"])
     if not config.is_file():
         raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
     source = choose_data(load_config(config), data, "--data", "verification")
@@ -125,15 +137,24 @@ def verify(
         return [Item(p, "asr") for p in demo_clips("asr")] + [Item(p, "aac") for p in demo_clips("aac")]
 
     items = demo_items() if source.is_demo else verify_items(source.path, demo_items, source.audio_root)
+    # one side at a time, the reference freed before the engine loads: a 3B reference (~12 GB) and an
+    # fp32 3B engine (~16 GB) do not fit 24 GB together
     err.print(f"loading the PyTorch reference {config} (a minute or more at real size)", highlight=False)
-    reference = load_salmonn(config, low_memory=True)  # fp16-stored LLM stays fp16 (a 3B beside its bundle)
-    err.print(f"verifying on {len(items)} items (reference and engine, stage by stage, then end to end)", highlight=False)
-    with Progress(console=err, transient=True) as progress:
-        task_id = progress.add_task("verifying", total=len(items))
-        result = run_verify(reference, eng, items, lambda done, total: progress.update(task_id, completed=done),
-                            num_beams=num_beams)
-    verdict = judge(result, eng.manifest)
-    recipe = eng.manifest["recipe"]["name"]
+    reference = load_salmonn(config, low_memory=True)  # fp16-stored LLM stays fp16
+    with tempfile.TemporaryDirectory(prefix="salmonn-verify-") as tmp, Progress(console=err, transient=True) as progress:
+        task_id = progress.add_task(f"reference on {len(items)} items", total=len(items))
+        ref = reference_pass(reference, items, Spill(Path(tmp) / "reference"),
+                             lambda done, total: progress.update(task_id, completed=done), num_beams=num_beams)
+        del reference
+        gc.collect()
+        progress.console.print(f"loading the engine {bundle}", highlight=False)
+        eng = Engine(bundle, verify_hashes=False)  # hashes checked above
+        task_id = progress.add_task(f"engine on {len(items)} items", total=len(items))
+        out_pass = engine_pass(eng, items, Spill(Path(tmp) / "engine"),
+                               lambda done, total: progress.update(task_id, completed=done), num_beams=num_beams)
+        result = compare(items, ref, out_pass)
+    verdict = judge(result, manifest)
+    recipe = manifest["recipe"]["name"]
     full = {"bundle": str(bundle), "recipe": recipe, "data": source.record(), **result, "verdict": verdict}
     if report is not None:
         from salmonn_export.bundle import write_json

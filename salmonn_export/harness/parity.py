@@ -74,39 +74,99 @@ def token_agreement(a: list[int], b: list[int]) -> float:
     return 1.0 if n == 0 else sum(x == y for x, y in zip(a, b)) / n
 
 
+class Spill:
+    """Per-item stage outputs of one side, kept on disk (`folder`) rather than in RAM: a Whisper-large
+    hidden state is 7.7 MB per clip, and the two sides run one after the other so that the PyTorch
+    reference can be freed before the engine loads (a 3B reference and an fp32 3B engine do not fit
+    24 GB together)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+
+    def add(self, arrays: dict[str, np.ndarray | None], ids: list[int], text: str) -> None:
+        i = len(self.rows)
+        names = {}
+        for name, array in arrays.items():
+            if array is not None:
+                names[name] = self.folder / f"{i}.{name}.npy"
+                np.save(names[name], np.asarray(array))
+        self.rows.append({"arrays": names, "ids": ids, "text": text})
+
+    def array(self, i: int, name: str) -> np.ndarray | None:
+        path = self.rows[i]["arrays"].get(name)
+        return None if path is None else np.load(path)
+
+
+@torch.no_grad()
+def reference_pass(reference: SALMONN, items: list[Item], spill: Spill, progress: Callable[[int, int], None] | None = None,
+                   num_beams: int | None = None) -> Spill:
+    """The PyTorch reference on every item (batch 1): stage outputs, first-token logits, texts."""
+    for i, item in enumerate(items):
+        batch = reference.make_batch([load_audio(item.audio)], [item.task])
+        whisper = reference.encode_whisper(batch.spectrogram)
+        beats = reference.encode_beats(batch.raw_wav, batch.padding_mask) if reference.beats is not None else None
+        speech = reference.qformer_project(reference.fuse(whisper, beats))
+        embeds, atts = reference.prompt_wrap(speech, reference.prompts_for([item.task]))
+        logits = reference.causal_lm(inputs_embeds=embeds, attention_mask=atts).logits[0, -1].float().numpy()
+        ids = reference.generate_ids(embeds, atts, num_beams=num_beams)[0].tolist()
+        spill.add({"whisper": whisper.numpy(), "beats": None if beats is None else beats.numpy(),
+                   "speech_embeds": speech.numpy(), "logits": logits}, ids, reference.decode(torch.tensor([ids]))[0])
+        if progress:
+            progress(i + 1, len(items))
+    return spill
+
+
+def engine_pass(engine: Engine, items: list[Item], spill: Spill, progress: Callable[[int, int], None] | None = None,
+                num_beams: int | None = None) -> Spill:
+    """The engine on every item (batch 1), the same outputs as `reference_pass`."""
+    for i, item in enumerate(items):
+        wave = load_audio(item.audio)
+        whisper = engine.encode_whisper(engine.whisper_features([wave]))
+        beats = engine.encode_beats([wave]) if engine.beats_cfg else None
+        speech = engine.qformer(whisper, beats)
+        embeds, mask = engine.prompt_wrap(speech, [item.task])
+        logits, _ = engine.decoder_step(embeds, mask, positions_from_mask(mask), None)
+        ids = engine.generate_ids(embeds, mask, num_beams=num_beams)[0].tolist()
+        spill.add({"whisper": whisper, "beats": beats, "speech_embeds": speech, "logits": logits[0, -1]}, ids,
+                  engine.decode(np.array([ids]))[0])
+        if progress:
+            progress(i + 1, len(items))
+    return spill
+
+
 @torch.no_grad()
 def verify(reference: SALMONN, engine: Engine, items: list[Item], progress: Callable[[int, int], None] | None = None,
-           num_beams: int | None = None) -> dict:
-    """Run both on every item (batch 1, as the challenge's efficiency protocol and default eval)."""
+           num_beams: int | None = None, spill_dir: Path | None = None) -> dict:
+    """Both sides already loaded: `reference_pass`, `engine_pass`, `compare` (spilled to a temporary
+    folder unless `spill_dir` is given). `salmonn-export verify` runs the passes itself, freeing the
+    reference before it loads the engine."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=spill_dir) as tmp:
+        ref = reference_pass(reference, items, Spill(Path(tmp) / "reference"), progress, num_beams)
+        eng = engine_pass(engine, items, Spill(Path(tmp) / "engine"), progress, num_beams)
+        return compare(items, ref, eng)
+
+
+def compare(items: list[Item], ref: Spill, eng: Spill) -> dict:
+    """Stage statistics, first-token KL and top-1, and end-to-end text metrics of two passes."""
     stages: dict[str, list] = {"whisper": [], "beats": [], "speech_embeds": []}
     kls, top1, exact, agree = [], [], [], []
     ref_texts, eng_texts, truths = [], [], []
     rows = []
     for i, item in enumerate(items):
-        wave = load_audio(item.audio)
-        batch = reference.make_batch([wave], [item.task])
-        r_whisper = reference.encode_whisper(batch.spectrogram)
-        e_whisper = engine.encode_whisper(engine.whisper_features([wave]))
-        stages["whisper"].append(_stats(r_whisper.numpy(), e_whisper))
-        r_beats = e_beats = None
-        if reference.beats is not None:
-            r_beats = reference.encode_beats(batch.raw_wav, batch.padding_mask)
-            e_beats = engine.encode_beats([wave])
-            stages["beats"].append(_stats(r_beats.numpy(), e_beats))
-        r_speech = reference.qformer_project(reference.fuse(r_whisper, r_beats))
-        e_speech = engine.qformer(e_whisper, e_beats)
-        stages["speech_embeds"].append(_stats(r_speech.numpy(), e_speech))
-        r_embeds, r_atts = reference.prompt_wrap(r_speech, reference.prompts_for([item.task]))
-        e_embeds, e_mask = engine.prompt_wrap(e_speech, [item.task])
-        r_logits = reference.causal_lm(inputs_embeds=r_embeds, attention_mask=r_atts).logits[0, -1].float().numpy()
-        e_logits, _ = engine.decoder_step(e_embeds, e_mask, positions_from_mask(e_mask), None)
-        lp, lq = _log_softmax(r_logits), _log_softmax(e_logits[0, -1])
+        for name in stages:
+            r, e = ref.array(i, name), eng.array(i, name)
+            if r is not None and e is not None:
+                stages[name].append(_stats(r, e))
+        r_logits, e_logits = ref.array(i, "logits"), eng.array(i, "logits")
+        lp, lq = _log_softmax(r_logits), _log_softmax(e_logits)
         kls.append(float((np.exp(lp) * (lp - lq)).sum()))
-        top1.append(float(r_logits.argmax() == e_logits[0, -1].argmax()))
-        r_ids = reference.generate_ids(r_embeds, r_atts, num_beams=num_beams)[0].tolist()
-        e_ids = engine.generate_ids(e_embeds, e_mask, num_beams=num_beams)[0].tolist()
-        r_text = reference.decode(torch.tensor([r_ids]))[0]
-        e_text = engine.decode(np.array([e_ids]))[0]
+        top1.append(float(r_logits.argmax() == e_logits.argmax()))
+        r_ids, e_ids = ref.rows[i]["ids"], eng.rows[i]["ids"]
+        r_text, e_text = ref.rows[i]["text"], eng.rows[i]["text"]
         exact.append(float(r_text == e_text))
         agree.append(token_agreement(r_ids, e_ids))
         ref_texts.append(r_text)
@@ -114,8 +174,6 @@ def verify(reference: SALMONN, engine: Engine, items: list[Item], progress: Call
         truths.append(item.text)
         rows.append({"audio": str(item.audio), "task": item.task, "reference": r_text, "engine": e_text,
                      "exact": r_text == e_text, "first_token_kl": kls[-1]})
-        if progress:
-            progress(i + 1, len(items))
     result = {
         "items": len(items),
         "stages": {k: _merge_stats(v) for k, v in stages.items() if v},
