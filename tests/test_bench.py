@@ -76,3 +76,26 @@ def test_bench_cli_on_a_tiny_bundle(tmp_path, tiny_dir):
     if not torch.cuda.is_available():
         bad = run("bench", bundle, "--model", tiny_dir / "config.yaml", "--device", "cuda", check=False)
         assert bad.returncode == 2 and "no CUDA device" in bad.stderr
+
+
+def test_bench_isolate_runs_each_system_alone(tmp_path, tiny_dir):
+    """--isolate: reference, engine, reference again, each in its own process; the result has the
+    interleaved run's keys, each system's own peak memory, and the reference's drift between its runs."""
+    from test_cli import run
+
+    from salmonn_export.export.build import BuildOptions, build_bundle
+    from salmonn_export.recipes import load_recipe
+
+    bundle = tmp_path / "fp32"
+    build_bundle(tiny_dir / "config.yaml", load_recipe("fp32"), BuildOptions(out=bundle))
+    proc = run("bench", bundle, "--model", tiny_dir / "config.yaml", "--isolate", "--warmup", "1", "--iters", "2",
+               "--stage-iters", "1", "--audio-seconds", "2", "--out", tmp_path / "b.json", "--markdown", tmp_path / "b.md")
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["settings"]["isolated"] and result["settings"]["order"] == [str(tiny_dir / "config.yaml"), str(bundle),
+                                                                              str(tiny_dir / "config.yaml")]
+    assert set(result["protocol"]) == {"reference", "engine:fp32"} and "engine:fp32" in result["ratios"]
+    assert all(result["protocol"][n]["iterations"] == 2 for n in result["protocol"])
+    assert all(0 < result["memory"][n]["peak_rss_gb"] < 64 for n in result["protocol"])
+    assert set(result["reference_drift"]) == {"average_ttft_sec", "average_tpot_sec"}
+    assert result["generation"] is None and "One process per system" in (tmp_path / "b.md").read_text()
+    assert proc.returncode == 0

@@ -255,6 +255,23 @@ def measure_memory_subprocess(kind: str, target: str, seconds: float, device: st
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_isolated_subprocess(kind: str, target: str, seconds: float, device: str, warmup: int, iters: int,
+                            stage_iters: int, seed: int) -> dict:
+    """`bench_systems.isolated_probe` in a fresh interpreter; raises SalmonnError with its last
+    error line when it fails (out of memory shows as the kernel's kill, exit -9)."""
+    from salmonn_export.errors import SalmonnError
+
+    args = (kind, target, seconds, device, warmup, iters, stage_iters, seed)
+    code = ("import json; from salmonn_export.harness.bench_systems import isolated_probe; "
+            f"print(json.dumps(isolated_probe(*{args!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        raise SalmonnError(f"bench of {kind} {target} alone failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def markdown(result: dict) -> str:
     lines = ["# salmonn-export bench", "", f"machine: {result['machine'].get('cpu', '?')}, {result['machine']['cpus']} cpus; "
              f"audio {result['settings']['audio_seconds']} s, warm-up {result['settings']['warmup']}, "
@@ -266,6 +283,12 @@ def markdown(result: dict) -> str:
         peak_text = f"{peak:.3f}" if isinstance(peak, (int, float)) else "n/a"
         lines.append(f"| {name} | {r['average_ttft_sec']:.4f} | {r['average_tpot_sec']:.4f} | {r['tpot']['median']:.4f} | "
                      f"{r['average_inference_time_sec']:.4f} | {peak_text} | {result['weights_mb'][name]:.1f} |")
+    if result["settings"].get("isolated"):
+        lines += ["", "One process per system, one after another (`--isolate`): " + " → ".join(result["settings"]["order"])]
+        if result.get("reference_drift"):
+            d = result["reference_drift"]
+            lines.append(f"The reference's second run / first: TTFT ×{d['average_ttft_sec']:.3f}, TPOT "
+                         f"×{d['average_tpot_sec']:.3f} (the machine's drift over the run; ratios use the first).")
     if result["ratios"]:
         lines += ["", "| engine / reference | TTFT | TPOT | inference | median TPOT |", "|---|---|---|---|---|"]
         for name, r in result["ratios"].items():

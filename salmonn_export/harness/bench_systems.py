@@ -198,3 +198,28 @@ def _nvml_process_gb() -> float | None:
     except Exception:  # NVML missing or not permitted: the figure is simply not available
         return None
     return None
+
+
+def isolated_probe(kind: str, target: str, seconds: float, device: str, warmup: int, iters: int, stage_iters: int,
+                   seed: int) -> dict:
+    """Run in a fresh interpreter (`bench --isolate`): one system alone — the challenge protocol, its
+    stage medians and its peak memory — for models whose reference and engine do not fit in memory
+    together (a 3B on 24 GB). Returns what `bench` assembles for an interleaved run, per system."""
+    from salmonn_export.harness.bench import run_protocol, run_stages
+
+    wave = np.random.default_rng(seed).standard_normal(int(16000 * seconds))
+    system = reference_system(target, wave, device) if kind == "reference" else engine_system(target, wave, device=device)
+    protocol = run_protocol([system], wave, warmup, iters)[system.name]
+    stages = run_stages([system], min(warmup, 2), stage_iters)[system.name]
+    peak = peak_rss_gb()
+    memory = {"peak_rss_gb": peak, "average_memory_usage_gb": peak if device == "cpu" else None}
+    if device != "cpu":
+        if kind == "reference":
+            import torch
+
+            memory["average_memory_usage_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        else:
+            memory["average_memory_usage_gb"] = _nvml_process_gb()
+    return {"name": system.name, "protocol": protocol, "stages": stages, "memory": memory,
+            "weight_bytes": system.weight_bytes, "decoder_bytes": system.decoder_bytes,
+            "kv_bytes_per_token": system.kv_bytes_per_token, "sizes_mb": system.sizes_mb}
