@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -210,6 +211,12 @@ def main() -> None:
                     help="bench the bundle alone (the fp32 PyTorch reference of a 3B needs ~16 GB beside it)")
     ap.add_argument("--verify-data", type=Path, default=None,
                     help="annotation .json for verify (default ROOT/calib-data/verify-4.json: 2 ASR + 2 AAC clips)")
+    ap.add_argument("--isolate-bench", action="store_true",
+                    help="bench --isolate: reference and engine each in its own process (a 3B and its engine do not "
+                         "fit 24 GB together)")
+    ap.add_argument("--delete-bundles", action="store_true",
+                    help="delete each bundle once its steps are recorded (disk: a 3B fp32 bundle is ~17 GB); "
+                         "the quantization cache keeps a rebuild cheap")
     ap.add_argument("--one", nargs=3, metavar=("CONFIG", "RECIPE", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--fragment", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -262,9 +269,13 @@ def main() -> None:
             _wait_for_ram(args.min_free_gib)
             rec = _timed([*CLI, "bench", str(bundle), "--model", str(config), "--warmup", "1",
                           "--iters", str(args.bench_iters), "--stage-iters", "1", "--no-generation",
-                          *([] if args.bench_reference else ["--no-reference"]), "--out", str(out)], log_path)
+                          *([] if args.bench_reference else ["--no-reference"]),
+                          *(["--isolate"] if args.isolate_bench else []), "--out", str(out)], log_path)
             rec["summary"] = json.loads(out.read_text()) if out.is_file() else None
             _record(args.preset, data, f"bench {recipe}", rec)
+        if args.delete_bundles and all(f"{step} {recipe}" in data["steps"] for step in args.steps):
+            shutil.rmtree(bundle)
+            print(f"deleted {bundle} (its steps are recorded)", flush=True)
 
 
 if __name__ == "__main__":
