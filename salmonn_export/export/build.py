@@ -200,15 +200,16 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
             if spec.name == "decoder":  # fused graph written layer by layer (weights streamed to .data)
                 path = bundle / spec.filename
                 extra = build_decoder_graph(llm, path, quant.layers if quant is not None else None,
-                                            accuracy_level=weights.accuracy_level if weights is not None else 0).as_dict()
+                                            accuracy_level=weights.accuracy_level if weights is not None else 0,
+                                            float16=recipe_comp.precision == "fp16").as_dict()
             else:
                 path = export_component(spec, bundle, opset=recipe.opset, seed=options.seed)
             if recipe_comp.precision == "int8":
                 extra.update(_to_int8(path))
                 spec.max_rel_err, spec.min_cosine = INT8_MAX_REL, INT8_MIN_COSINE
             if recipe_comp.precision == "fp16":
-                # the decoder's KV cache stays fp16 (the runtime's shared past/present buffers)
-                _to_fp16(path, ["inputs_embeds", "logits"] if spec.name == "decoder" else True)
+                if spec.name != "decoder":  # the decoder is written in fp16 (KV cache included) from the start
+                    _to_fp16(path)
                 spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
             if spec.name == "decoder" and weights is not None and weights.accuracy_level == 4:
                 # int8-quantized activations inside MatMulNBits: no longer equal to the dequantized torch model;

@@ -14,7 +14,8 @@ codes (never re-quantized):
     lm_head is the embedding matrix).
 
 Inputs: inputs_embeds float32 [B, S, H], attention_mask int64 [B, T] (T = past + S; zeros are
-padding anywhere in the row), position_ids int64 [B, S], past_key_i / past_value_i float32
+padding anywhere in the row), position_ids int64 [B, S], past_key_i / past_value_i float32 (float16
+in an fp16 graph)
 [B, kv_heads, P, head_dim] where P ≥ T − S (P > T − S only when the runtime binds one buffer of
 capacity P as both past and present: GroupQueryAttention then writes the new keys at T − S).
 Outputs: logits float32 [B, 1, V] (last position), present_key_i / present_value_i.
@@ -102,15 +103,19 @@ def rope_caches(llm: torch.nn.Module, positions: int) -> tuple[np.ndarray, np.nd
 
 
 class _Writer:
-    def __init__(self, data: ExternalData, layers: dict[str, QuantizedLinear], accuracy_level: int):
+    def __init__(self, data: ExternalData, layers: dict[str, QuantizedLinear], accuracy_level: int,
+                 float16: bool = False):
         self.data = data
         self.layers = layers
         self.accuracy_level = accuracy_level
+        self.float16 = float16  # every float initializer and activation in fp16 (the fp16 recipe)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.nbits = 0
 
     def init(self, name: str, array: np.ndarray) -> str:
+        if self.float16 and array.dtype == np.float32:
+            array = array.astype(np.float16)
         self.inits.append(self.data.tensor(name, array))
         return name
 
@@ -150,11 +155,14 @@ class _Writer:
 
 
 def build_decoder_graph(llm: torch.nn.Module, path: Path, layers: dict[str, QuantizedLinear] | None = None,
-                        accuracy_level: int = 0, opset: int = 23) -> DecoderGraphInfo:
+                        accuracy_level: int = 0, opset: int = 23, float16: bool = False) -> DecoderGraphInfo:
     """Write `path` (+ `path.data`) for the merged (and possibly quantized) Llama `llm`.
 
     `layers` maps HF module names (`model.layers.0.self_attn.q_proj`, `lm_head`) to their codes;
     those become MatMulNBits with `accuracy_level` (0: fp32 compute; 4: int8 activations).
+    `float16`: weights, activations and the KV cache in fp16, written so from the start (inputs_embeds
+    and logits stay fp32, cast inside) — converting a written fp32 graph afterwards would load all of
+    it into memory (12.8 GB for a 3B).
     Raises SalmonnError for an architecture this graph does not express (biases, non-SiLU MLP,
     sliding windows, non rotate-half rotary)."""
     cfg = llm.config
@@ -169,7 +177,8 @@ def build_decoder_graph(llm: torch.nn.Module, path: Path, layers: dict[str, Quan
     positions = int(min(getattr(cfg, "max_position_embeddings", MAX_ROPE_POSITIONS), MAX_ROPE_POSITIONS))
     data_path = path.with_name(path.name + ".data")
     data = ExternalData(data_path)
-    w = _Writer(data, layers, accuracy_level)
+    w = _Writer(data, layers, accuracy_level, float16)
+    float_type = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT  # activations and KV cache
     try:
         cos, sin = rope_caches(llm, positions)
         w.init("cos_cache", cos)
@@ -184,16 +193,18 @@ def build_decoder_graph(llm: torch.nn.Module, path: Path, layers: dict[str, Quan
         seq = w.node("Slice", [shape_emb, "one_1", w.init("two_1", np.array([2], np.int64))], "/model/embeds/seq/Slice")[0]
         last = w.node("Sub", [total32, w.init("one_i32", np.array(1, dtype=np.int32))], "/model/attn_mask/seqlens_k/Sub")[0]
         seqlens_k = w.node("Expand", [last, batch], "/model/attn_mask/seqlens_k/Expand")[0]
-        mask_f = w.node("Cast", ["attention_mask"], "/model/attn_mask/Cast", to=TensorProto.FLOAT)[0]
+        mask_f = w.node("Cast", ["attention_mask"], "/model/attn_mask/Cast", to=float_type)[0]
         inv = w.node("Sub", [w.init("one_f", np.array(1.0, np.float32)), mask_f], "/model/attn_mask/Sub")[0]
-        bias2d = w.node("Mul", [inv, w.init("mask_min", np.array(np.finfo(np.float32).min, np.float32))],
-                        "/model/attn_mask/Mul")[0]
+        lowest = np.finfo(np.float16 if float16 else np.float32).min
+        bias2d = w.node("Mul", [inv, w.init("mask_min", np.array(lowest, np.float32))], "/model/attn_mask/Mul")[0]
         bias4d = w.node("Unsqueeze", [bias2d, w.init("axes_1_2", np.array([1, 2], np.int64))], "/model/attn_mask/Unsqueeze")[0]
         target = w.node("Concat", [batch, "one_1", seq, w.node("Shape", ["attention_mask"], "/model/attn_mask/Shape_1",
                                                                 start=1)[0]], "/model/attn_mask/Concat", axis=0)[0]
         attn_bias = w.node("Expand", [bias4d, target], "/model/attn_mask/Expand")[0]
 
         x, residual = "inputs_embeds", None
+        if float16:
+            x = w.node("Cast", [x], "/model/embeds/Cast", to=float_type)[0]
         for i, layer in enumerate(llm.model.layers):
             p = f"/model/layers.{i}"
             hf = f"model.layers.{i}"
@@ -237,14 +248,17 @@ def build_decoder_graph(llm: torch.nn.Module, path: Path, layers: dict[str, Quan
         final = w.node("SkipSimplifiedLayerNormalization", [x_last, r_last, norm_w], "/model/norm/SkipLayerNorm",
                        outputs=1, domain="com.microsoft", epsilon=eps)[0]
         head = w.linear(final, [("lm_head", llm.lm_head)], "/lm_head")
-        w.nodes.append(helper.make_node("Identity", [head], ["logits"], name="/lm_head/Identity"))
+        if float16:
+            w.nodes.append(helper.make_node("Cast", [head], ["logits"], name="/lm_head/Cast", to=TensorProto.FLOAT))
+        else:
+            w.nodes.append(helper.make_node("Identity", [head], ["logits"], name="/lm_head/Identity"))
     finally:
         data.close()
 
     f32 = TensorProto.FLOAT
-    kv_in = [helper.make_tensor_value_info(f"past_{k}_{i}", f32, ["batch", kv_heads, "past", head_dim])
+    kv_in = [helper.make_tensor_value_info(f"past_{k}_{i}", float_type, ["batch", kv_heads, "past", head_dim])
              for i in range(len(llm.model.layers)) for k in ("key", "value")]
-    kv_out = [helper.make_tensor_value_info(f"present_{k}_{i}", f32, ["batch", kv_heads, "total", head_dim])
+    kv_out = [helper.make_tensor_value_info(f"present_{k}_{i}", float_type, ["batch", kv_heads, "total", head_dim])
               for i in range(len(llm.model.layers)) for k in ("key", "value")]
     vocab = llm.lm_head.weight.shape[0]
     graph = helper.make_graph(
