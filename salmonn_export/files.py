@@ -11,12 +11,14 @@ import contextlib
 import os
 import secrets
 import shutil
+import socket
 import stat
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from salmonn_export.errors import SalmonnError
+from salmonn_export.errors import SalmonnError, SalmonnWarning
 
 
 def current_umask() -> int:
@@ -109,10 +111,40 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def _owner_tag() -> str:
+    """`<host>-<pid>` of this process, as its temporary folders' names carry it."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _remove_stale_building_dirs(out: Path) -> None:
+    """Remove `.NAME.building-<host>-<pid>-XXXXXXXX` siblings of `out` whose process, on this host, is
+    gone: a build killed outright (the OOM killer's SIGKILL, a power cut) cannot clean up after itself,
+    and at real size its folder holds gigabytes (a 3B fp32 bundle: 17 GB). Folders of live processes
+    and of other hosts (a shared disk) are left alone."""
+    host = socket.gethostname().replace("-", "_")
+    for tmp in out.parent.glob(f".{out.name}.building-*"):
+        parts = tmp.name[len(f".{out.name}.building-"):].split("-")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"removed {tmp}: left by a build (process {pid}) that was killed before it could clean up",
+                      SalmonnWarning, stacklevel=3)
+
+
 def _building_dir(out: Path) -> Path:
-    """A new empty sibling `.NAME.building-XXXXXXXX`, created with the umask's mode (mkdtemp forces 0700)."""
+    """A new empty sibling `.NAME.building-<host>-<pid>-XXXXXXXX`, created with the umask's mode (mkdtemp
+    forces 0700); stale ones of killed processes are removed first (`_remove_stale_building_dirs`)."""
+    _remove_stale_building_dirs(out)
     for _ in range(100):
-        tmp = out.with_name(f".{out.name}.building-{secrets.token_hex(4)}")
+        tmp = out.with_name(f".{out.name}.building-{_owner_tag()}-{secrets.token_hex(4)}")
         try:
             tmp.mkdir()
             return tmp

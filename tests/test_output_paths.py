@@ -242,3 +242,35 @@ def test_zst_needs_zstandard(tmp_path):
     else:
         path.write_bytes(zstandard.ZstdCompressor().compress(CSV.encode()))
         assert read_submission(path) == ROWS
+
+
+def test_stale_temp_folders_of_killed_builds_are_removed(tmp_path):
+    """A build killed outright (SIGKILL from the OOM killer) leaves `.NAME.building-<host>-<pid>-X`;
+    the next atomic_dir for that output removes it with a warning, while folders of a live process
+    and of another host are kept."""
+    import socket
+    import subprocess
+    import sys
+    import warnings
+
+    from salmonn_export.errors import SalmonnWarning
+    from salmonn_export.files import atomic_dir
+
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "bundle"
+    stale = tmp_path / f".bundle.building-{host}-{dead_pid}-deadbeef"
+    live = tmp_path / f".bundle.building-{host}-{os.getpid()}-0badf00d"
+    other_host = tmp_path / f".bundle.building-otherhost-{dead_pid}-12345678"
+    for folder in (stale, live, other_host):
+        folder.mkdir()
+        (folder / "decoder.onnx.data").write_bytes(b"x" * 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with atomic_dir(out, force=True) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+    assert not stale.exists() and live.is_dir() and other_host.is_dir()
+    assert (out / "manifest.json").is_file()
+    assert [str(w.message) for w in caught if issubclass(w.category, SalmonnWarning)] == [
+        f"removed {stale}: left by a build (process {dead_pid}) that was killed before it could clean up"]
