@@ -106,6 +106,8 @@ def read_annotation(path: str | Path, task: str | None = None, audio_root: str |
         out.append(Example(item["testset_id"], audio, item_task, text, item.get("Q")))
     if task and not out:
         raise SalmonnError(f"no items with task `{wanted}` in this annotation", path)
+    if not out:  # build would calibrate on nothing, verify average nothing
+        raise SalmonnError("annotation has no items", path)
     return out
 
 # A config's own data, in the order a default picks it (spec 1.3: `datasets:` fields).

@@ -220,12 +220,17 @@ def test_validation_runs_pytorch_before_the_model_is_freed(tiny_model, tmp_path)
     assert next(model.parameters()).device.type == "meta"
 
 
-def test_int8_activation_decoder_is_validated_on_its_own_kernel(challenge_tied_fixture, calib_audio_dir, tmp_path):
-    """w4a8-lmhead on the challenge-written tied fixture: the decoder's validation runs ORT's prepacked
-    accuracy_level-4 kernel (int8 activations: visibly not equal to the dequantized PyTorch model,
-    max relative error ~0.15 here), and passes on cosine as an int8 graph should. Opening the graph
-    without prepacked weights would silently test MatMulNBits' fp32 fallback (error ~1e-6) instead."""
-    report = build_bundle(challenge_tied_fixture / "config.yaml", load_recipe("w4a8-lmhead"),
-                          BuildOptions(out=tmp_path / "w4a8-lmhead", calib=calib_audio_dir))
-    decoder = report["validation"]["decoder"]
-    assert decoder["max_rel"] > 1e-3 and decoder["cosine"] > 0.99
+def test_int8_activation_decoder_is_validated_on_its_own_kernel(challenge_fixture, challenge_tied_fixture,
+                                                                calib_audio_dir, tmp_path):
+    """int8-activation recipes (accuracy_level 4): the decoder graph is validated exactly against
+    PyTorch with fp32 compute, then switched to level 4 and run on ORT's prepacked int8 kernel, whose
+    logits visibly differ (max relative error > 1e-3: the real kernel ran, not its fp32 fallback).
+    The builds a fresh user saw fail on a seed-dependent cosine (0.88 at seed 3 on the untied fixture,
+    0.98 on the tied one at seed 0) now build."""
+    for name, fixture, seed in (("tied", challenge_tied_fixture, 0), ("untied", challenge_fixture, 3)):
+        report = build_bundle(fixture / "config.yaml", load_recipe("w4a8-lmhead"),
+                              BuildOptions(out=tmp_path / name, calib=calib_audio_dir, seed=seed))
+        assert report["validation"]["decoder"]["max_rel"] < 1e-4, name
+        check = read_manifest(tmp_path / name)["components"]["decoder"]["int8_activations"]
+        assert check["accuracy_level"] == 4 and check["max_rel_vs_fp32_compute"] > 1e-3, (name, check)
+        assert 0.5 <= check["cosine_vs_fp32_compute"] < 1.0

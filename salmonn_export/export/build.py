@@ -23,7 +23,7 @@ from salmonn_export import __version__
 from salmonn_export.bundle import FORMAT_VERSION, MANIFEST, hash_tree, write_json
 from salmonn_export.dataset import DataSource
 from salmonn_export.errors import SalmonnError
-from salmonn_export.export.decoder_graph import build_decoder_graph
+from salmonn_export.export.decoder_graph import build_decoder_graph, switch_accuracy_level
 from salmonn_export.export.llm_quantization import quantize_llm
 from salmonn_export.export.onnx_export import (
     check_model,
@@ -47,9 +47,12 @@ FP16_MIN_COSINE = 0.999
 # the speech-embedding cosine and the texts on real audio are what `verify` judges against the recipe
 INT8_MAX_REL = 1.0
 INT8_MIN_COSINE = 0.995
-# decoders computing on int8 activations (accuracy_level 4), logits on the random validation input:
-# demo (4 layers) 0.99984, challenge-1b (16 layers, random well-scaled weights) 0.99815
-INT8_ACTIVATIONS_MIN_COSINE = 0.99
+# decoders computing on int8 activations (accuracy_level 4) are validated exactly with fp32 compute
+# (accuracy_level 0: the same graph, weights and codes), then switched to 4 and run once more: their
+# logits against the level-0 ones on the random validation input were 0.99984 (demo, 4 layers),
+# 0.99815 (challenge-1b, 16 layers) but 0.88-0.98 on tiny random models depending on the seed, so
+# this floor only catches garbage (a broken kernel, NaNs); `verify` judges the accuracy on audio
+INT8_ACTIVATIONS_MIN_COSINE = 0.5
 
 
 @dataclass
@@ -197,10 +200,11 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
         recipe_comp = recipe.components[precision_of[spec.name]]
         with log.stage(f"export {spec.name}"):
             extra = {}
+            level4 = spec.name == "decoder" and weights is not None and weights.accuracy_level == 4
             if spec.name == "decoder":  # fused graph written layer by layer (weights streamed to .data)
                 path = bundle / spec.filename
                 extra = build_decoder_graph(llm, path, quant.layers if quant is not None else None,
-                                            accuracy_level=weights.accuracy_level if weights is not None else 0,
+                                            accuracy_level=0 if level4 else weights.accuracy_level if weights else 0,
                                             float16=recipe_comp.precision == "fp16").as_dict()
             else:
                 path = export_component(spec, bundle, opset=recipe.opset, seed=options.seed)
@@ -211,12 +215,6 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
                 if spec.name != "decoder":  # the decoder is written in fp16 (KV cache included) from the start
                     _to_fp16(path)
                 spec.max_rel_err, spec.min_cosine = FP16_MAX_REL, FP16_MIN_COSINE
-            if spec.name == "decoder" and weights is not None and weights.accuracy_level == 4:
-                # int8-quantized activations inside MatMulNBits: no longer equal to the dequantized torch model;
-                # the error grows with depth, so this only catches a wrong graph (by cosine, as for int8
-                # encoders: one logit of a 128k row moves with the per-row activation scale), and `verify`
-                # judges accuracy
-                spec.max_rel_err, spec.min_cosine = INT8_MAX_REL, INT8_ACTIVATIONS_MIN_COSINE
             if recipe.optimize and spec.name != "decoder":
                 # the decoder graph is written in its final fused form; ORT's offline pass would hold it
                 # in memory twice (a 3B fp32 decoder: killed by the OOM killer at 23.2 GB anonymous RSS)
@@ -230,6 +228,10 @@ def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildO
             raise SalmonnError(f"exported {spec.name} differs from PyTorch: max relative error "
                                f"{validation['max_rel']:.3g} (limit {spec.max_rel_err:g}), cosine "
                                f"{validation['cosine']:.6f} (limit {spec.min_cosine:g})", path)
+        if level4:
+            with log.stage("decoder to int8 activations"):
+                extra["int8_activations"] = switch_accuracy_level(path, spec, 4, INT8_ACTIVATIONS_MIN_COSINE,
+                                                                  seed=options.seed + 1)
         inputs, outputs = _io_signature(path)
         components[spec.name] = {
             "file": path.name, "data_file": path.name + ".data", "precision": recipe_comp.precision,

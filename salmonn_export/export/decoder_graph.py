@@ -275,3 +275,43 @@ def build_decoder_graph(llm: torch.nn.Module, path: Path, layers: dict[str, Quan
     onnx.save_model(model, str(tmp))
     tmp.replace(path)
     return DecoderGraphInfo(max_positions=positions, matmul_nbits=w.nbits, nodes=len(w.nodes))
+
+
+def switch_accuracy_level(path: Path, spec, level: int, min_cosine: float, seed: int = 1) -> dict:
+    """Set every MatMulNBits of the validated decoder `path` to `accuracy_level` `level` (the proto only:
+    weights and codes stay as validated) and run both versions in ONNX Runtime on the spec's first
+    fresh input. Returns the cosine and max relative error of the logits against the previous level.
+    Raises SalmonnError when the new logits are not finite or their cosine is below `min_cosine`."""
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(seed)
+    args = spec.fresh(gen)[0]
+    graph_inputs = onnx.load(str(path), load_external_data=False).graph.input
+    dtypes = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph_inputs}
+    feeds = {name: a.numpy().astype(dtypes[name]) for name, a in zip(spec.input_names, args)}
+
+    def logits() -> np.ndarray:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return sess.run(["logits"], feeds)[0].astype(np.float64)
+
+    before = logits()
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(path)
+    after = logits()
+    cosine = float((before * after).sum() / (np.linalg.norm(before) * np.linalg.norm(after) or 1.0))
+    check = {"accuracy_level": level, "cosine_vs_fp32_compute": cosine,
+             "max_rel_vs_fp32_compute": float(np.abs(before - after).max() / (np.abs(before).max() or 1.0)),
+             "min_cosine": min_cosine}
+    if not np.isfinite(after).all() or cosine < min_cosine:
+        raise SalmonnError(f"decoder at accuracy_level {level} gives logits far from its fp32-compute version "
+                           f"(cosine {cosine:.4f}, limit {min_cosine}): the int8-activation kernel is broken here", path)
+    return check
