@@ -178,3 +178,29 @@ assert "torch" not in sys.modules
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("[")
+
+
+def test_verify_refuses_a_config_of_another_windowing_and_warns_on_a_changed_one(fp32_bundle, tiny_dir, audio_dir,
+                                                                                  tmp_path):
+    """A config whose Q-Former windows differ from the bundle's is another model: one error line, exit 2,
+    before anything loads (it crashed on mismatched shapes). A config edited since the build still
+    verifies, with a warning line."""
+    import yaml
+    from test_cli import run
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["model"]["second_per_window"] = cfg["model"]["second_stride"] = 0.5
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run("verify", fp32_bundle, "--model", other / "config.yaml", "--data", audio_dir, check=False)
+    assert proc.returncode == 2 and "Q-Former windowing" in proc.stderr and "another model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_dir, edited)
+    (edited / "config.yaml").write_text((tiny_dir / "config.yaml").read_text() + "\n# edited\n")
+    data = tmp_path / "one"
+    data.mkdir()
+    shutil.copy(audio_dir / "speech_a.wav", data / "speech_a.wav")
+    proc = run("verify", fp32_bundle, "--model", edited / "config.yaml", "--data", data, check=False)
+    assert proc.returncode == 0 and "changed since the bundle was built" in proc.stderr, proc.stderr

@@ -129,7 +129,9 @@ def verify(
     config = model or Path(manifest["source"]["config"])
     if not config.is_file():
         raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
-    source = choose_data(load_config(config), data, "--data", "verification")
+    cfg = load_config(config)
+    _check_bundle_matches_config(manifest, cfg, bundle)
+    source = choose_data(cfg, data, "--data", "verification")
 
     def demo_items():
         from salmonn_export.model.demo import demo_clips
@@ -168,6 +170,26 @@ def verify(
         out.print(markdown_report(result, verdict, str(bundle), recipe), highlight=False)
     if not verdict["passed"]:
         raise typer.Exit(1)
+
+
+def _check_bundle_matches_config(manifest: dict, cfg, bundle: Path) -> None:
+    """verify compares a bundle with the model it was built from: a config whose Q-Former windowing
+    differs from the bundle's is the wrong model (SalmonnError); one whose file changed since the
+    build (sha256 in the manifest) gets a warning line."""
+    from salmonn_export.bundle import sha256_file
+    from salmonn_export.model.qformer import num_windows, window_size
+
+    m = cfg.model
+    window, stride = window_size(m.second_per_window), window_size(m.second_stride)
+    got = {"window": window, "stride": stride,
+           "speech_tokens": num_windows(1500, window, stride) * m.num_speech_query_token}
+    built = {k: manifest.get("qformer", {}).get(k) for k in got}
+    if got != built:
+        raise SalmonnError(f"this config's Q-Former windowing {got} is not the bundle's {built}: the bundle was "
+                           f"built from another model (its source: {manifest['source'].get('config')})", cfg.path)
+    recorded = manifest["source"].get("sha256", {}).get("config")
+    if recorded and cfg.path and sha256_file(cfg.path) != recorded:
+        err.print(f"warning: {cfg.path} changed since the bundle was built from it (sha256 differs)", highlight=False)
 
 
 @app.command()
