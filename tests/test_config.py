@@ -75,3 +75,25 @@ def test_code_defaults_match_the_spec(tmp_path):
     assert (g.max_new_tokens, g.num_beams, g.min_length, g.top_p, g.length_penalty) == (200, 4, 1, 0.9, 1.0)
     assert (m.lora_rank, m.lora_alpha, m.lora_dropout, m.max_txt_len, m.end_sym) == (8, 32, 0.1, 128, "</s>")
     assert m.second_per_window == pytest.approx(0.333333) and m.num_speech_query_token == 1
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("second_per_window", 0, r"second_per_window: 0.0` must give 1 to 1500 Whisper frames"),
+    ("second_per_window", -0.1, r"second_per_window: -0.1` must give 1 to 1500"),
+    ("second_per_window", 40, r"second_per_window: 40.0` must give 1 to 1500"),
+    ("second_stride", 0.005, r"second_stride: 0.005` must give 1 to 1500"),
+    ("num_speech_query_token", 0, r"num_speech_query_token` must be >= 1, got 0"),
+    ("window_level_Qformer", False, r"window_level_Qformer: false"),
+])
+def test_qformer_windowing_out_of_range_is_an_error_naming_the_field(tmp_path, field, value, message):
+    """Window settings a user may mistype: one error naming the field (they crashed inside unfold/reshape)."""
+    data = challenge_config()
+    data["model"][field] = value
+    with pytest.raises(SalmonnError, match=message):
+        load_config(write(tmp_path, data))
+
+
+def test_sampling_config_warns_that_engines_decode_deterministically(tmp_path):
+    data = challenge_config()
+    data.setdefault("generate", {})["do_sample"] = True
+    assert any("do_sample: true" in w and "deterministically" in w for w in load_config(write(tmp_path, data)).warnings)

@@ -134,6 +134,21 @@ def _typed(section: str, name: str, value: Any, default: Any, source: str) -> An
     raise SalmonnError(f"field `{section}.{name}` must be {want.__name__}, got {value!r}", source)
 
 
+def _check_windowing(model, source) -> None:
+    """The window-level Q-Former's numbers (spec 2.6): windows of round(1500·s/30) Whisper frames, at
+    least one window and one query. Raises SalmonnError naming the field."""
+    if not model.window_level_Qformer:
+        raise SalmonnError("`model.window_level_Qformer: false` (one Q-Former pass over the whole clip) is not "
+                           "supported; the challenge's SALMONN uses window-level Q-Former", source)
+    for name in ("second_per_window", "second_stride"):
+        value = getattr(model, name)
+        frames = round(1500 * value / 30.0) if isinstance(value, (int, float)) else 0
+        if not 1 <= frames <= 1500:
+            raise SalmonnError(f"`model.{name}: {value}` must give 1 to 1500 Whisper frames (0.02 to 30 s)", source)
+    if model.num_speech_query_token < 1:
+        raise SalmonnError(f"`model.num_speech_query_token` must be >= 1, got {model.num_speech_query_token}", source)
+
+
 def _build(cls, section: str, data: dict[str, Any], source: str, warnings: list[str]):
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
@@ -181,6 +196,7 @@ def parse_config(raw: dict[str, Any], path: Path | None = None, overrides: list[
     model = _build(ModelConfig, "model", model_raw, source, warnings)
     if not model.use_speech_Qformer:
         raise SalmonnError("`model.use_speech_Qformer: false` is not supported by SALMONN (NotImplementedError there)", source)
+    _check_windowing(model, source)
     if model.low_resource or model.load_in_4bit:
         warnings.append("`low_resource`/`load_in_4bit` quantize the LLM on the fly on a GPU; the reference loads it unquantized")
     gen_raw = raw.get("generate") or {}
@@ -190,6 +206,9 @@ def parse_config(raw: dict[str, Any], path: Path | None = None, overrides: list[
         warnings.append("`generate.end_sym` is missing; evaluate_salmonn.py requires it (using `<|end_of_text|>`)")
     generate = _build(GenerateConfig, "generate", gen_raw, source, warnings)
     check_generate(asdict(generate), source, prefix="generate.")
+    if getattr(generate, "do_sample", False):
+        warnings.append("`generate.do_sample: true`: the PyTorch reference samples, the engines decode "
+                        "deterministically (greedy or beam search), so their texts cannot match")
     datasets = dict(raw.get("datasets") or {})
     for key in datasets:
         if key not in DATASET_FIELDS:
