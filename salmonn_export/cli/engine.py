@@ -19,7 +19,6 @@ from salmonn_export.cli.common import (
     DeviceOpt,
     EngineOpt,
     JsonOpt,
-    ModelOpt,
     app,
     audio_or_demo,
     bounded,
@@ -84,7 +83,9 @@ def run(
 @handle_errors
 def verify(
     engine: Annotated[Path | None, typer.Argument(help="Engine bundle (default: the demo w4a16 bundle).")] = None,
-    model: ModelOpt = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Challenge YAML config of the trained SALMONN "
+                                                                      "(default: the one the bundle was built from, "
+                                                                      "recorded in its manifest).")] = None,
     data: Annotated[Path | None, typer.Option(help="Audio folder (both tasks per file) or annotation .json "
                                                    "(default: the config's datasets valid/test/train annotation; "
                                                    "the demo clips for the demo model).")] = None,
@@ -197,7 +198,9 @@ def _check_bundle_matches_config(manifest: dict, cfg, bundle: Path) -> None:
 def bench(
     engines: Annotated[list[Path] | None, typer.Argument(help="Engine bundles (default: the demo w4a16 bundle).")] = None,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also measure the PyTorch reference.")] = True,
-    model: ModelOpt = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Challenge YAML config for the reference "
+                                                                      "(default: the one the first bundle was built "
+                                                                      "from).")] = None,
     audio_seconds: Annotated[float, typer.Option(callback=bounded(high=30, above=0),
                                                  help="Length of the N(0,1) noise clip (challenge: 10).")] = 10.0,
     warmup: Annotated[int, typer.Option(callback=bounded(0, ITERS_MAX),
