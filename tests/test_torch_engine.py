@@ -281,3 +281,11 @@ def test_compiled_decode_step_is_one_graph_and_gives_the_same_tokens(tiny_dir, t
         a = eager.run_waves(waves, ["asr", "aac"], num_beams=beams, max_new_tokens=12)
         b = compiled.run_waves(waves, ["asr", "aac"], num_beams=beams, max_new_tokens=12)
         assert a.token_ids == b.token_ids
+
+
+def test_verify_says_a_torch_bundle_is_not_what_it_compares(fp32_engine):
+    """verify on a `--target torch` bundle: one line saying so, exit 2 (it said the bundle was incomplete)."""
+    from test_cli import run
+
+    proc = run("verify", fp32_engine.bundle, check=False)
+    assert proc.returncode == 2 and "`--target torch` bundle" in proc.stderr and "Traceback" not in proc.stderr

@@ -127,6 +127,9 @@ def verify(
     bundle = engine_path(engine)
     err.print(f"checking the engine bundle {bundle}", highlight=False)
     manifest = read_manifest(bundle)  # a broken bundle stops here, not after the reference pass
+    if manifest.get("target") == "torch":
+        raise SalmonnError("verify compares ONNX engine bundles with the reference; this is a `--target torch` "
+                           "bundle: build one without --target to verify it", bundle)
     config = model or Path(manifest["source"]["config"])
     if not config.is_file():
         raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
