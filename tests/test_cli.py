@@ -37,6 +37,12 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_dir, audio_dir):
     assert "Traceback" not in proc.stderr
     proc = run("generate", "--model", tiny_dir / "config.yaml", audio_dir / "broken.wav", check=False)
     assert proc.returncode == 2 and "broken.wav: unreadable audio" in proc.stderr
+    # every path is checked before the model loads: no result of the good file, one line for the missing one
+    proc = run("generate", "--model", tiny_dir / "config.yaml", audio_dir / "tone_2s.wav", tmp_path / "nosuch.wav",
+               check=False)
+    assert proc.returncode == 2 and "nosuch.wav: audio file not found" in proc.stderr and proc.stdout == ""
+    proc = run("generate", "--model", tiny_dir / "config.yaml", audio_dir, check=False)
+    assert proc.returncode == 2 and "is a folder; give audio files" in proc.stderr
     proc = run("generate", "--model", tiny_dir / "config.yaml", "--task", "nope", audio_dir / "tone_2s.wav", check=False)
     assert proc.returncode == 2 and "unknown task `nope`" in proc.stderr
     (tmp_path / "taken").mkdir()

@@ -204,8 +204,14 @@ def model_config(model: Path | None) -> Path:
 
 
 def audio_or_demo(audio: list[Path] | None, task: str, explicit: bool, what: str) -> list[Path]:
-    """The given files, or the demo clips when running the demo default."""
+    """The given files, or the demo clips when running the demo default. Every given path is checked
+    before any model loads: a mistyped name is one error line at once, not after a minute of loading
+    or after earlier files' results (a folder or missing file: `audio file not found`, as load_clip says)."""
     if audio:
+        for path in audio:
+            if not Path(path).is_file():
+                raise SalmonnError("audio file not found" if not Path(path).is_dir() else
+                                   "is a folder; give audio files", path)
         return audio
     if explicit:
         raise SalmonnError(f"give audio files (demo clips exist only for the demo {what})")
