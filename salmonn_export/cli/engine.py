@@ -281,8 +281,10 @@ def bench(
     if reference and config is None:
         config = Path(read_manifest(bundles[0], verify_hashes=False)["source"]["config"])
     if isolate:
-        result = _bench_isolated(config if reference else None, bundles, audio_seconds, device, warmup, iters,
-                                 stage_iters, seed)
+        from salmonn_export.harness.bench import run_isolated
+
+        result = run_isolated(config if reference else None, bundles, audio_seconds, device, warmup, iters,
+                              stage_iters, seed, console=err)
         _write_bench(result, json_out, markdown_out, plot_out, as_json)
         return
     wave = np.random.default_rng(seed).standard_normal(int(16000 * audio_seconds))
@@ -352,51 +354,3 @@ def _write_bench(result: dict, json_out: Path | None, markdown_out: Path | None,
         print(json.dumps(result, indent=1, sort_keys=True, ensure_ascii=False, default=str))
     else:
         out.print(text, highlight=False)
-
-
-def _bench_isolated(config: Path | None, bundles: list[Path], audio_seconds: float, device: str, warmup: int,
-                    iters: int, stage_iters: int, seed: int) -> dict:
-    """`bench --isolate`: each system alone in its own process, in the order reference, engines,
-    reference again; ratios against the first reference run, with the second run's drift reported."""
-    from types import SimpleNamespace
-
-    from rich.progress import Progress
-
-    from salmonn_export.harness.bench import machine, memory_bandwidth_gbs, ratios, roofline, run_isolated_subprocess
-
-    order = [("reference", str(config))] if config else []
-    order += [("engine", str(b)) for b in bundles]
-    order += [("reference", str(config))] if config and bundles else []
-    runs = []
-    with Progress(console=err, transient=True) as progress:
-        task_id = progress.add_task("systems, one process each", total=len(order))
-        for kind, target in order:
-            progress.console.print(f"{kind} {target} alone", highlight=False)
-            runs.append(run_isolated_subprocess(kind, target, audio_seconds, device, warmup, iters, stage_iters, seed))
-            progress.update(task_id, advance=1)
-    drift = None
-    if config and bundles:
-        first, again = runs[0]["protocol"], runs.pop()["protocol"]
-        drift = {k: again[k] / first[k] for k in ("average_ttft_sec", "average_tpot_sec")}
-    names: set[str] = set()
-    for run, (_, target) in zip(runs, order):
-        if run["name"] in names:
-            run["name"] = f"{run['name']}@{target}"
-        names.add(run["name"])
-    protocol = {r["name"]: r["protocol"] for r in runs}
-    for r in runs:
-        protocol[r["name"]]["average_memory_usage_gb"] = r["memory"]["average_memory_usage_gb"]
-    bandwidth = memory_bandwidth_gbs()
-    return {
-        "settings": {"audio_seconds": audio_seconds, "warmup": warmup, "iters": iters, "stage_iters": stage_iters,
-                     "seed": seed, "batch": 1, "device": device, "isolated": True, "order": [t for _, t in order]},
-        "machine": machine(), "protocol": protocol, "ratios": ratios(protocol, "reference"),
-        "reference_drift": drift, "stages": {r["name"]: r["stages"] for r in runs},
-        "memory": {r["name"]: r["memory"] for r in runs}, "bandwidth_gbs": bandwidth, "generation": None,
-        "weights_mb": {r["name"]: r["weight_bytes"] / 1e6 for r in runs},
-        "sizes_mb_by_component": {r["name"]: r["sizes_mb"] for r in runs},
-        "decoder_weight_mb": {r["name"]: r["decoder_bytes"] / 1e6 for r in runs},
-        "roofline": {r["name"]: roofline(SimpleNamespace(decoder_bytes=r["decoder_bytes"],
-                                                         kv_bytes_per_token=r["kv_bytes_per_token"]),
-                                         r["protocol"]["tpot"]["median"], 100, bandwidth) for r in runs},
-    }
