@@ -282,21 +282,14 @@ def switch_accuracy_level(path: Path, spec, level: int, min_cosine: float, seed:
     weights and codes stay as validated) and run both versions in ONNX Runtime on the spec's first
     fresh input. Returns the cosine and max relative error of the logits against the previous level.
     Raises SalmonnError when the new logits are not finite or their cosine is below `min_cosine`."""
-    import onnxruntime as ort
+    from salmonn_export.export.onnx_export import compare, session
 
     gen = torch.Generator().manual_seed(seed)
     args = spec.fresh(gen)[0]
     graph_inputs = onnx.load(str(path), load_external_data=False).graph.input
     dtypes = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph_inputs}
     feeds = {name: a.numpy().astype(dtypes[name]) for name, a in zip(spec.input_names, args)}
-
-    def logits() -> np.ndarray:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return sess.run(["logits"], feeds)[0].astype(np.float64)
-
-    before = logits()
+    before = session(path).run(["logits"], feeds)[0]
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
@@ -306,10 +299,10 @@ def switch_accuracy_level(path: Path, spec, level: int, min_cosine: float, seed:
     tmp = path.with_name(f".{path.name}.tmp")
     onnx.save_model(model, str(tmp))
     tmp.replace(path)
-    after = logits()
-    cosine = float((before * after).sum() / (np.linalg.norm(before) * np.linalg.norm(after) or 1.0))
-    check = {"accuracy_level": level, "cosine_vs_fp32_compute": cosine,
-             "max_rel_vs_fp32_compute": float(np.abs(before - after).max() / (np.abs(before).max() or 1.0)),
+    after = session(path).run(["logits"], feeds)[0]
+    stats = compare(before, after)
+    cosine = stats["cosine"]
+    check = {"accuracy_level": level, "cosine_vs_fp32_compute": cosine, "max_rel_vs_fp32_compute": stats["max_rel"],
              "min_cosine": min_cosine}
     if not np.isfinite(after).all() or cosine < min_cosine:
         raise SalmonnError(f"decoder at accuracy_level {level} gives logits far from its fp32-compute version "

@@ -151,4 +151,3 @@ def validate_component(spec: ExportSpec, path: Path, seed: int = 1, release: Cal
     worst["tolerance_min_cosine"] = spec.min_cosine
     worst["passed"] = worst["max_rel"] <= spec.max_rel_err and worst["cosine"] >= spec.min_cosine
     return worst
-
