@@ -197,6 +197,17 @@ def _write_markdown(data: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def _recorded(data: dict, key: str) -> bool:
+    """A step counts as done once recorded, unless it was killed (negative rc: OOM killer, Ctrl-C) or
+    crashed (rc > 1); rc 1 is a verdict (verify's failed checks) and is kept."""
+    step = data["steps"].get(key)
+    if step is None:
+        return False
+    if key.startswith(("build", "rebuild")):
+        return not step.get("error")
+    return step.get("rc", 0) in (0, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", required=True, choices=["challenge-1b", "challenge-3b"])
@@ -250,9 +261,21 @@ def main() -> None:
                                  "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
             _record(args.preset, data, f"build {recipe}", json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
                     else {"error": f"build exited {rc} (see the log)"})
+        pending = [step for step in ("verify", "bench") if step in args.steps and not _recorded(data, f"{step} {recipe}")]
+        built = not data["steps"].get(f"build {recipe}", {"error": "not run"}).get("error")
+        if pending and built and not (bundle / "manifest.json").is_file():
+            # deleted after an earlier run (--delete-bundles, disk): rebuild from the quantization cache; kept
+            # apart from the first build's record, whose GPTQ times the cache would hide
+            fragment = root / f".{args.preset}-{recipe}.build.json"
+            _wait_for_ram(args.min_free_gib)
+            print(f"rebuild {args.preset} {recipe} for {' and '.join(pending)}", flush=True)
+            rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib), "--root", str(root),
+                                 "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
+            _record(args.preset, data, f"rebuild {recipe}", json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
+                    else {"error": f"build exited {rc} (see the log)"})
         if not (bundle / "manifest.json").is_file():
             continue
-        if "verify" in args.steps and f"verify {recipe}" not in data["steps"]:
+        if "verify" in args.steps and not _recorded(data, f"verify {recipe}"):
             report = root / f"{args.preset}-{recipe}.verify.json"
             verify_data = args.verify_data or calib.parent / "verify-4.json"
             if not verify_data.is_file():
@@ -264,7 +287,7 @@ def main() -> None:
                           "--report", str(report)], log_path)
             rec["summary"] = json.loads(report.read_text()) if report.is_file() else None
             _record(args.preset, data, f"verify {recipe}", rec)
-        if "bench" in args.steps and f"bench {recipe}" not in data["steps"]:
+        if "bench" in args.steps and not _recorded(data, f"bench {recipe}"):
             out = root / f"{args.preset}-{recipe}.bench.json"
             _wait_for_ram(args.min_free_gib)
             rec = _timed([*CLI, "bench", str(bundle), "--model", str(config), "--warmup", "1",
@@ -273,7 +296,7 @@ def main() -> None:
                           *(["--isolate"] if args.isolate_bench else []), "--out", str(out)], log_path)
             rec["summary"] = json.loads(out.read_text()) if out.is_file() else None
             _record(args.preset, data, f"bench {recipe}", rec)
-        if args.delete_bundles and all(f"{step} {recipe}" in data["steps"] for step in args.steps):
+        if args.delete_bundles and all(_recorded(data, f"{step} {recipe}") for step in args.steps):
             shutil.rmtree(bundle)
             print(f"deleted {bundle} (its steps are recorded)", flush=True)
 
