@@ -149,7 +149,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, purpose: str) -> DataSource:
+def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, purpose: str,
+                audio_root: str | Path | None = None) -> DataSource:
     """The data `build` calibrates on / `verify` checks with — never a silent fallback to the demo's.
 
     Order: the path given with `option` (e.g. "--calib"); else the config's own `datasets:`
@@ -157,9 +158,16 @@ def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, pu
     audio root; else, only for the embedded demo model, its clips (DEMO_ORIGIN). Raises
     SalmonnError (naming the config) when none applies; `purpose` words it ("calibration").
     A named annotation that does not exist is an error, not a reason to try the next field.
+    `audio_root` (--audio-root) goes with a `given` annotation: its paths are `audio_root + '/' + path`,
+    as under the config's `datasets.prefix`; given without one, it is an error.
     """
+    if given is None and audio_root is not None:
+        raise SalmonnError(f"--audio-root goes with {option} ANNOTATION.json (the config's own annotation uses "
+                           "`datasets.prefix`)", audio_root)
     if given is not None:
-        return DataSource(Path(given), option)
+        if audio_root is not None and Path(given).is_dir():
+            raise SalmonnError(f"--audio-root applies to an annotation .json, not to an audio folder ({option})", given)
+        return DataSource(Path(given), option, Path(audio_root) if audio_root is not None else None)
     datasets = config.datasets or {}
     for name in ANNOTATION_FIELDS:
         value = datasets.get(name)

@@ -137,3 +137,44 @@ def test_verify_without_data_for_a_model_without_data_is_an_error(fixture_bundle
     assert proc.returncode == 2
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: ") and "no verification data" in last and "--data" in last
+
+
+def test_audio_root_goes_with_a_given_annotation(challenge_fixture, tmp_path):
+    config = load_config(challenge_fixture / "config.yaml")
+    ann = tmp_path / "elsewhere.json"
+    shutil.copy(challenge_fixture / "ann.json", ann)
+    source = choose_data(config, ann, "--calib", "calibration", challenge_fixture)
+    assert source.path == ann and source.audio_root == challenge_fixture
+    assert source.record()["audio_root"] == str(challenge_fixture)
+    with pytest.raises(SalmonnError, match="--audio-root goes with --data ANNOTATION.json"):
+        choose_data(config, None, "--data", "verification", challenge_fixture)
+    with pytest.raises(SalmonnError, match="--audio-root applies to an annotation .json, not to an audio folder"):
+        choose_data(config, tmp_path, "--calib", "calibration", challenge_fixture)
+
+
+def test_verify_reads_an_annotation_moved_away_from_its_audio_with_audio_root(fixture_bundles, challenge_fixture,
+                                                                              tmp_path):
+    """The challenge's annotations hold paths under `datasets.prefix`, not beside the .json."""
+    ann = tmp_path / "moved" / "ann.json"
+    ann.parent.mkdir()
+    shutil.copy(challenge_fixture / "ann.json", ann)
+    lost = run_cli("verify", fixture_bundles["fp32"], "--data", ann)
+    assert lost.returncode == 2
+    last = [line for line in lost.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ") and str(ann.parent / "audio") in last
+    proc = run_cli("verify", fixture_bundles["fp32"], "--data", ann, "--audio-root", challenge_fixture, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["data"]["origin"] == "--data" and report["data"]["audio_root"] == str(challenge_fixture)
+    assert len(report["rows"]) == 4 and report["end_to_end"]["exact_match"] == 1.0
+
+
+def test_build_calib_annotation_with_audio_root(challenge_fixture, tmp_path):
+    ann = tmp_path / "ann.json"
+    shutil.copy(challenge_fixture / "ann.json", ann)
+    proc = run_cli("build", "--recipe", "w4a16-rtn", "--model", challenge_fixture / "config.yaml", "--calib", ann,
+                   "--audio-root", challenge_fixture, "--calib-samples", "2", "--out", tmp_path / "b", "--json",
+                   "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    calibration = json.loads((tmp_path / "b" / "manifest.json").read_text())["quantization"]["calibration"]
+    assert calibration["origin"] == "--calib" and calibration["audio_root"] == str(challenge_fixture)

@@ -62,6 +62,9 @@ def build(
     calib: Annotated[Path | None, typer.Option(help="Calibration audio: a folder or an annotation .json "
                                                     "(default: the config's datasets valid/test/train annotation; "
                                                     "the demo clips for the demo model).")] = None,
+    audio_root: Annotated[Path | None, typer.Option(help="Audio prefix for a --calib annotation: paths become ROOT + '/' + "
+                                                        "path, as under `datasets.prefix` (default: relative to the "
+                                                        "annotation).")] = None,
     calib_samples: Annotated[int | None, typer.Option(callback=bounded(1, COUNT_MAX),
                                                       help="Calibration sequences (default from the recipe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
@@ -109,7 +112,8 @@ def build(
     if cache is not None and rec.llm.weights is not None:
         check_cache_dir(cache)  # before anything is built: a file or unwritable place is one line, exit 2
     try:
-        report = _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, seed, cache, as_json)
+        report = _run_build(target, config, rec, out_dir, (calib, audio_root), calib_samples, force, trt, seed, cache,
+                            as_json)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated): the bundle's temp folder is already gone
         if cache is not None and rec.llm.weights is not None:
             err.print(f"finished calibration and GPTQ layers are kept in {cache}: the same command resumes there",
@@ -157,17 +161,20 @@ def _stage_log(as_json: bool):
             progress.update(current["task"], completed=1, total=1)
 
 
-def _run_build(target, config, rec, out_dir, calib, calib_samples, force, trt, seed, cache, as_json) -> dict:
+def _run_build(target, config, rec, out_dir, calib_source, calib_samples, force, trt, seed, cache, as_json) -> dict:
+    calib, audio_root = calib_source
     with _stage_log(as_json) as log:
         if target == "torch":
             from salmonn_export.export.torch_bundle import TorchBuildOptions, build_torch_bundle
 
-            return build_torch_bundle(config, rec, TorchBuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
+            return build_torch_bundle(config, rec, TorchBuildOptions(out=out_dir, calib=calib, audio_root=audio_root,
+                                                                     calib_samples=calib_samples,
                                                                      force=force, seed=seed, cache_dir=cache), log)
         from salmonn_export.export.build import BuildOptions, build_bundle
 
-        return build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, calib_samples=calib_samples,
-                                                      force=force, trt=trt, seed=seed, cache_dir=cache), log)
+        return build_bundle(config, rec, BuildOptions(out=out_dir, calib=calib, audio_root=audio_root,
+                                                      calib_samples=calib_samples, force=force, trt=trt, seed=seed,
+                                                      cache_dir=cache), log)
 
 
 def _print_report(report: dict, target: str, as_json: bool) -> None:

@@ -89,6 +89,9 @@ def verify(
     data: Annotated[Path | None, typer.Option(help="Audio folder (both tasks per file) or annotation .json "
                                                    "(default: the config's datasets valid/test/train annotation; "
                                                    "the demo clips for the demo model).")] = None,
+    audio_root: Annotated[Path | None, typer.Option(help="Audio prefix for a --data annotation: paths become ROOT + '/' + "
+                                                        "path, as under `datasets.prefix` (default: relative to the "
+                                                        "annotation).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here (and a .md beside it).")] = None,
     num_beams: Annotated[int | None, typer.Option(callback=bounded(1, NUM_BEAMS_LIMIT),
                                                   help="Override num_beams for the end-to-end texts.")] = None,
@@ -135,7 +138,7 @@ def verify(
         raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
     cfg = load_config(config)
     _check_bundle_matches_config(manifest, cfg, bundle)
-    source = choose_data(cfg, data, "--data", "verification")
+    source = choose_data(cfg, data, "--data", "verification", audio_root)
 
     def demo_items():
         from salmonn_export.model.demo import demo_clips

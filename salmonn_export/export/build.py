@@ -59,6 +59,7 @@ INT8_ACTIVATIONS_MIN_COSINE = 0.5
 class BuildOptions:
     out: Path
     calib: Path | None = None  # audio folder or annotation .json; None: the config's datasets (choose_data)
+    audio_root: Path | None = None  # prefix of `calib`'s annotation paths (`datasets.prefix` style)
     calib_samples: int | None = None
     force: bool = False
     trt: bool = False
@@ -150,7 +151,8 @@ def build_bundle(config_path: Path, recipe: Recipe, options: BuildOptions, log: 
     log = log or StageLog()
     # quantized recipes calibrate on data (RTN's only feeds the KL check, which the ONNX build reports)
     return build_atomically(options.out, options.force, config_path, options.calib, recipe.llm.weights is not None,
-                            lambda tmp, calib_data: _build_into(tmp, config_path, recipe, options, log, calib_data))
+                            lambda tmp, calib_data: _build_into(tmp, config_path, recipe, options, log, calib_data),
+                            options.audio_root)
 
 
 def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: BuildOptions, log: StageLog,

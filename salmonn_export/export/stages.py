@@ -35,7 +35,7 @@ class StageLog:
 
 
 def build_atomically(out: Path, force: bool, config_path: Path, calib: Path | None, needs_data: bool,
-                     build_into: Callable[[Path, DataSource | None], dict]) -> dict:
+                     build_into: Callable[[Path, DataSource | None], dict], audio_root: Path | None = None) -> dict:
     """Run `build_into(temp_folder, calibration_data)` and rename the folder to `out` when it returns.
 
     The calibration data (when `needs_data`) is chosen before any slow work, so a missing source stops
@@ -45,7 +45,7 @@ def build_atomically(out: Path, force: bool, config_path: Path, calib: Path | No
     out = out.expanduser().resolve()
     if out.exists() and not force:
         raise SalmonnError("bundle already exists (use --force to replace it)", out)
-    calib_data = choose_data(load_config(config_path), calib, "--calib", "calibration") if needs_data else None
+    calib_data = choose_data(load_config(config_path), calib, "--calib", "calibration", audio_root) if needs_data else None
     with atomic_dir(out, force=True, what="bundle") as tmp:
         report = build_into(tmp, calib_data)
     report["bundle"] = str(out)

@@ -44,6 +44,7 @@ class TorchBuildOptions:
 
     out: Path
     calib: Path | None = None  # audio folder or annotation .json; None: the config's datasets (choose_data)
+    audio_root: Path | None = None  # prefix of `calib`'s annotation paths (`datasets.prefix` style)
     calib_samples: int | None = None
     force: bool = False
     seed: int = 0
@@ -79,7 +80,8 @@ def build_torch_bundle(config_path: Path, recipe: Recipe, options: TorchBuildOpt
     log = log or StageLog()
     # RTN needs no data here (the ONNX build's calibration only feeds its KL report)
     return build_atomically(options.out, options.force, config_path, options.calib, recipe.needs_calibration,
-                            lambda tmp, calib_data: _build_into(tmp, config_path, recipe, options, log, calib_data))
+                            lambda tmp, calib_data: _build_into(tmp, config_path, recipe, options, log, calib_data),
+                            options.audio_root)
 
 
 def _build_into(bundle: Path, config_path: Path, recipe: Recipe, options: TorchBuildOptions, log: StageLog,
