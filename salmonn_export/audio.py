@@ -35,6 +35,14 @@ MAX_SECONDS = 30
 MAX_SAMPLES = MAX_SECONDS * SAMPLE_RATE
 RESAMPLER_MARGIN_SECONDS = 1.0
 
+# Containers libsndfile (soundfile, the challenge's loader) reads: Ogg carries Vorbis and Opus
+# (libsndfile >= 1.0.29 / 1.2 for .opus), MPEG-1/2 Layer III since 1.1.0. Listed by extension because a
+# folder walk cannot open every file it meets.
+AUDIO_SUFFIXES = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au",
+                  ".snd", ".caf", ".w64", ".rf64")
+# Audio that soundfile cannot decode (AAC/ALAC in MP4, WMA, AMR, WebM): named, never silently skipped.
+UNREADABLE_AUDIO_SUFFIXES = (".m4a", ".mp4", ".aac", ".alac", ".wma", ".amr", ".webm", ".3gp", ".mka", ".ac3")
+
 MAX_ABS_SAMPLE = float(2**32)
 """Largest sample magnitude the loader accepts (≈4.3e9). Integer PCM decodes to [-1, 1], but float WAVs
 are sometimes written in int16 (±32768) or int32 (±2**31) scale; both pass, and the features are
@@ -100,7 +108,10 @@ def _decode(source, name: str | Path) -> AudioClip:
             wave = f.read(frames_needed(rate), dtype="float64")
     except Exception as exc:  # soundfile raises several types for bad files
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SalmonnError(f"unreadable audio ({detail if detail.isprintable() else repr(detail)})", name) from None
+        detail = detail if detail.isprintable() else repr(detail)
+        if Path(str(name)).suffix.lower() in UNREADABLE_AUDIO_SUFFIXES:
+            detail += "; soundfile, the challenge's audio loader, cannot decode this container: convert it to WAV or FLAC first"
+        raise SalmonnError(f"unreadable audio ({detail})", name) from None
     if wave.size == 0:
         raise SalmonnError("audio holds no samples", name)
     used = wave[:, 0] if wave.ndim == 2 else wave

@@ -10,23 +10,37 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from salmonn_export.errors import SalmonnError
+from salmonn_export.audio import AUDIO_SUFFIXES, UNREADABLE_AUDIO_SUFFIXES
+from salmonn_export.errors import SalmonnError, SalmonnWarning
 from salmonn_export.model.config import SalmonnConfig
 from salmonn_export.tasks import TASK_KEYS
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
-
 
 def audio_files(folder: str | Path) -> list[Path]:
-    """Every audio file below a folder, sorted; an empty folder is an error."""
+    """Every audio file below a folder, sorted (extensions in AUDIO_SUFFIXES, any case).
+
+    Files in containers soundfile cannot decode (UNREADABLE_AUDIO_SUFFIXES, e.g. .m4a) get one
+    SalmonnWarning naming how many and a conversion; a folder with none readable raises SalmonnError
+    naming the folder (and those files, when that is why it is empty)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    entries = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = [p for p in entries if p.suffix.lower() in AUDIO_SUFFIXES]
+    unreadable = [p for p in entries if p.suffix.lower() in UNREADABLE_AUDIO_SUFFIXES]
+    if unreadable:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in unreadable}))
+        note = (f"{len(unreadable)} {kinds} file(s) that soundfile (the challenge's audio loader) cannot decode, "
+                f"e.g. {unreadable[0]}: convert them to WAV or FLAC first (ffmpeg -i IN -ar 16000 OUT.wav)")
+        if not files:
+            raise SalmonnError(f"no readable audio files in this folder: {note}", folder)
+        warnings.warn(f"{folder}: skipping {note}", SalmonnWarning, stacklevel=2)
     if not files:
-        raise SalmonnError("no audio files in this folder", folder)
+        raise SalmonnError("no audio files in this folder (readable: "
+                           f"{' '.join(AUDIO_SUFFIXES)})", folder)
     return files
 
 
