@@ -205,3 +205,25 @@ def test_verify_refuses_a_config_of_another_windowing_and_warns_on_a_changed_one
     shutil.copy(audio_dir / "speech_a.wav", data / "speech_a.wav")
     proc = run("verify", fp32_bundle, "--model", edited / "config.yaml", "--data", data, check=False)
     assert proc.returncode == 0 and "changed since the bundle was built" in proc.stderr, proc.stderr
+
+
+def test_unknown_task_stops_before_anything_loads(fp32_bundle, tiny_dir, audio_dir, tmp_path):
+    """At real size a load takes minutes: `run` and `generate` check the task against the prompts first.
+    The engine copy's decoder is garbage and the config copy lacks its checkpoint, so a check after the
+    load would report those instead."""
+    broken = tmp_path / "bundle"
+    shutil.copytree(fp32_bundle, broken)
+    (broken / json.loads((broken / "manifest.json").read_text())["components"]["decoder"]["file"]).write_bytes(b"x")
+    config = tmp_path / "model" / "config.yaml"
+    shutil.copytree(tiny_dir, config.parent)
+    raw = config.read_text()
+    ckpt = next(line.split(":", 1)[1].strip() for line in raw.splitlines() if line.strip().startswith("ckpt:"))
+    (config.parent / ckpt).unlink()
+    clip = audio_dir / "tone_2s.wav"
+    for args in (["run", "--engine", broken], ["generate", "--model", config]):
+        for task in ("nope", "ASR", "caption"):
+            proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args), "--task", task, str(clip)],
+                                  capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode == 2 and lines[-1].startswith(f"error: unknown task `{task}`; known: asr, aac"), \
+                proc.stderr

@@ -60,6 +60,12 @@ def run(
     from salmonn_export.torch_engine import bundle_target
 
     bundle = engine_path(engine)
+    from salmonn_export.bundle import read_manifest
+    from salmonn_export.tasks import templated_prompt
+
+    prompts = read_manifest(bundle, verify_hashes=False).get("prompts")  # an incomplete bundle: Engine says so
+    if isinstance(prompts, dict) and isinstance(prompts.get("test_prompts"), dict):
+        templated_prompt(prompts["test_prompts"], task, "")  # an unknown task stops before the sessions load
     audio = audio_or_demo(audio, task, engine is not None, "engine")
     t0 = time.perf_counter()
     if bundle_target(bundle) == "torch":

@@ -164,6 +164,11 @@ def generate(
     from salmonn_export.model.salmonn import load_salmonn
 
     config = model_config(model)
+    from salmonn_export.model.config import load_config
+    from salmonn_export.model.prompts import config_prompts
+    from salmonn_export.tasks import templated_prompt
+
+    templated_prompt(config_prompts(load_config(config)), task, "")  # an unknown task stops before the load
     audio = audio_or_demo(audio, task, model is not None, "model")
     if device.startswith("cuda"):
         import torch

@@ -18,6 +18,13 @@ def builtin_test_prompts() -> dict[str, str]:
     return json.loads(resources.files("salmonn_export.model").joinpath("test_prompt.json").read_text(encoding="utf-8"))
 
 
+def config_prompts(config) -> dict[str, str]:
+    """The task → prompt map a SalmonnConfig's model uses: its `test_prompt_path`, else the challenge's
+    shipped `test_prompt.json`. Raises SalmonnError for a missing or malformed file."""
+    m = config.model
+    return load_prompt_file(config.resolve(m.test_prompt_path)) if m.test_prompt_path else builtin_test_prompts()
+
+
 def load_prompt_file(path: str | Path) -> dict[str, str]:
     """A prompt JSON of task → prompt (or → list of prompts, as training files hold; the first is used)."""
     path = Path(path)

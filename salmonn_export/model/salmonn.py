@@ -29,7 +29,7 @@ from salmonn_export.model.llm import (
     load_tokenizer,
     resize_with_mean_rows,
 )
-from salmonn_export.model.prompts import SPEECH_PLACEHOLDER, builtin_test_prompts, load_prompt_file
+from salmonn_export.model.prompts import SPEECH_PLACEHOLDER, config_prompts
 from salmonn_export.model.qformer import BERT_HIDDEN, SpeechQFormer, num_windows, qformer_windows, window_size
 from salmonn_export.model.weights import torch_load
 from salmonn_export.model.whisper import load_feature_extractor, load_whisper_encoder, whisper_features
@@ -85,9 +85,7 @@ class SALMONN(nn.Module):
             compute_layers_in_fp32(base)
         self.window = window_size(m.second_per_window)
         self.stride = window_size(m.second_stride)
-        self.test_prompts = (
-            load_prompt_file(config.resolve(m.test_prompt_path)) if m.test_prompt_path else builtin_test_prompts()
-        )
+        self.test_prompts = config_prompts(config)
         self.load_report = self._load_training_checkpoint()
         self.eval()
         self.to(device)
