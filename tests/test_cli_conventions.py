@@ -356,3 +356,19 @@ def test_unknown_prompt_task_lists_each_known_task_once():
         templated_prompt(prompts, "foo", "")
     known = str(info.value).split("known: ")[1].split(", ")
     assert known == ["asr", "aac", "QA", "asr_de"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["verify"], "checking the engine bundle"),  # a progress line before the error
+    (["run", "--engine"], "error: "),
+    (["inspect"], "error: "),
+])
+def test_stderr_lines_do_not_wrap_in_a_pipe(tmp_path, args, needle):
+    """Piped into a log (no terminal, no COLUMNS), rich would wrap at 80 columns: every stderr line whole."""
+    long_path = tmp_path / ("d" * 150) / "bundle"
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, str(long_path)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if needle in line]
+    assert lines and all(str(long_path) in line for line in lines), proc.stderr

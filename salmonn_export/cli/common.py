@@ -86,7 +86,8 @@ app = SalmonnTyper(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+# soft_wrap: a log line or warning stays one line in a log file or pipe (rich wraps at 80 columns there)
+err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[
     Path | None,
