@@ -208,6 +208,17 @@ def _recorded(data: dict, key: str) -> bool:
     return step.get("rc", 0) in (0, 1)
 
 
+def _build(args, data: dict, calib: Path, config: Path, recipe: str, bundle: Path, key: str, why: str) -> None:
+    """Build one bundle in a child process (`--one`: its own RSS sampler) and record it as `KEY RECIPE`."""
+    fragment = args.root / f".{args.preset}-{recipe}.build.json"
+    _wait_for_ram(args.min_free_gib)
+    print(f"{key} {args.preset} {recipe}{why} (free {psutil.virtual_memory().available / 2**30:.1f} GiB)", flush=True)
+    rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib), "--root", str(args.root),
+                         "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
+    _record(args.preset, data, f"{key} {recipe}", json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
+            else {"error": f"build exited {rc} (see the log)"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", required=True, choices=["challenge-1b", "challenge-3b"])
@@ -253,26 +264,13 @@ def main() -> None:
     config = folder / "config.yaml"
     for recipe in args.recipes:
         bundle = root / f"{args.preset}-{recipe}"
-        if "build" in args.steps and data["steps"].get(f"build {recipe}", {"error": "not run"}).get("error"):
-            fragment = root / f".{args.preset}-{recipe}.build.json"
-            _wait_for_ram(args.min_free_gib)
-            print(f"build {args.preset} {recipe} (free {psutil.virtual_memory().available / 2**30:.1f} GiB)", flush=True)
-            rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib), "--root", str(root),
-                                 "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
-            _record(args.preset, data, f"build {recipe}", json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
-                    else {"error": f"build exited {rc} (see the log)"})
+        if "build" in args.steps and not _recorded(data, f"build {recipe}"):
+            _build(args, data, calib, config, recipe, bundle, "build", "")
         pending = [step for step in ("verify", "bench") if step in args.steps and not _recorded(data, f"{step} {recipe}")]
-        built = not data["steps"].get(f"build {recipe}", {"error": "not run"}).get("error")
-        if pending and built and not (bundle / "manifest.json").is_file():
-            # deleted after an earlier run (--delete-bundles, disk): rebuild from the quantization cache; kept
-            # apart from the first build's record, whose GPTQ times the cache would hide
-            fragment = root / f".{args.preset}-{recipe}.build.json"
-            _wait_for_ram(args.min_free_gib)
-            print(f"rebuild {args.preset} {recipe} for {' and '.join(pending)}", flush=True)
-            rc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--calib", str(calib), "--root", str(root),
-                                 "--one", str(config), recipe, str(bundle), "--fragment", str(fragment)]).returncode
-            _record(args.preset, data, f"rebuild {recipe}", json.loads(fragment.read_text()) if rc == 0 and fragment.is_file()
-                    else {"error": f"build exited {rc} (see the log)"})
+        if pending and _recorded(data, f"build {recipe}") and not (bundle / "manifest.json").is_file():
+            # deleted after an earlier run (--delete-bundles, disk): rebuilt from the quantization cache and
+            # recorded apart from the first build, whose GPTQ times the cache would hide
+            _build(args, data, calib, config, recipe, bundle, "rebuild", f" for {' and '.join(pending)}")
         if not (bundle / "manifest.json").is_file():
             continue
         if "verify" in args.steps and not _recorded(data, f"verify {recipe}"):
