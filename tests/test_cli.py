@@ -51,11 +51,27 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_dir, audio_dir):
     assert proc.returncode == 2 and "--force" in proc.stderr
 
 
-def test_inspect_reports_problems_with_exit_1(challenge_fixture):
+def test_inspect_notes_ignored_fields_and_exits_1_only_on_problems(challenge_fixture, tmp_path):
+    """The challenge's own config carries `Low_resource` (ignored there, and here): a note, exit 0. An
+    end_sym that is not one token would make every output run to max_new_tokens: a problem, exit 1."""
     proc = run("inspect", "--model", challenge_fixture / "config.yaml", "--json", check=False)
-    assert proc.returncode == 1
-    problems = json.loads(proc.stdout)["problems"]
-    assert any("Low_resource" in p for p in problems)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["problems"] == []
+    assert any("Low_resource" in n for n in report["notes"])
+    text = run("inspect", "--model", challenge_fixture / "config.yaml", check=False)
+    assert text.returncode == 0 and "note: `model.Low_resource`" in text.stdout
+    model = tmp_path / "model"
+    model.mkdir()
+    for entry in challenge_fixture.iterdir():
+        if entry.name != "config.yaml":
+            (model / entry.name).symlink_to(entry)
+    raw = (challenge_fixture / "config.yaml").read_text()
+    assert "end_sym:" in raw
+    lines = [("  end_sym: 'no such token here'" if line.strip().startswith("end_sym:") else line) for line in raw.splitlines()]
+    (model / "config.yaml").write_text("\n".join(lines) + "\n")
+    bad = run("inspect", "--model", model / "config.yaml", "--json", check=False)
+    assert bad.returncode == 1
+    assert any("is not one token of this tokenizer" in p for p in json.loads(bad.stdout)["problems"])
 
 
 def test_help_teaches_with_examples():

@@ -67,8 +67,9 @@ def inspect(
 ):
     """Describe a trained SALMONN (or an engine bundle) and every consistency problem found.
 
-    Components, parameter counts, dtypes, LoRA setup, checkpoint contents; exit 1 when there are
-    problems. Given an ENGINE folder, shows its manifest instead.
+    Components, parameter counts, dtypes, LoRA setup, checkpoint contents; notes on config fields
+    that are ignored (as the challenge ignores them); exit 1 when there are consistency problems
+    (e.g. an end_sym that is not one token). Given an ENGINE folder, shows its manifest instead.
 
     Example: salmonn-export inspect --model path/to/config.yaml
     Example: salmonn-export inspect engines/demo-w4a16
@@ -98,6 +99,8 @@ def inspect(
             out.print(f"checkpoint: {ck['path']} ({ck['size_bytes'] / 1e6:.1f} MB), {ck['tensors']} tensors "
                       f"{ck['tensors_by_component']}, epoch {ck['epoch']}")
         out.print(f"loaded: {report['load_report']}")
+        for note in report["notes"]:
+            out.print(f"note: {note}", highlight=False)
         if report["problems"]:
             out.print("[yellow]problems:[/]")
             for p in report["problems"]:
