@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -234,3 +235,58 @@ def test_int8_activation_decoder_is_validated_on_its_own_kernel(challenge_fixtur
         check = read_manifest(tmp_path / name)["components"]["decoder"]["int8_activations"]
         assert check["accuracy_level"] == 4 and check["max_rel_vs_fp32_compute"] > 1e-3, (name, check)
         assert 0.5 <= check["cosine_vs_fp32_compute"] < 1.0
+
+
+def _matmul_graph(path: Path, rows: int, cols: int) -> None:
+    """x [1, rows] @ W [rows, cols] + b → y, weights in `path`.data (the layout every exported graph has)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from salmonn_export.export.onnx_export import save_model
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((rows, cols), dtype=np.float32), "encoder.w")
+    bias = numpy_helper.from_array(rng.standard_normal(cols, dtype=np.float32), "encoder.b")
+    nodes = [helper.make_node("MatMul", ["x", "encoder.w"], ["h"], name="encoder/MatMul"),
+             helper.make_node("Add", ["h", "encoder.b"], ["y"], name="encoder/Add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], [weight, bias])
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_fp16_conversion_equals_the_converters_own_shape_inference(tmp_path):
+    """`_to_fp16` infers shapes from the file (so graphs over protobuf's 2 GB convert); on a small graph
+    the result is the converter's in-memory way, node for node and weight for weight."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from salmonn_export.export.build import _to_fp16
+
+    path = tmp_path / "g.onnx"
+    _matmul_graph(path, 64, 32)
+    expected = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=False)
+    _to_fp16(path)
+    got = onnx.load(str(path))
+    assert sorted((n.op_type, list(n.input), list(n.output)) for n in got.graph.node) == \
+           sorted((n.op_type, list(n.input), list(n.output)) for n in expected.graph.node)  # ours topologically sorted
+    for a, b in zip(got.graph.initializer, expected.graph.initializer):
+        assert a.name == b.name and a.data_type == b.data_type == onnx.TensorProto.FLOAT16
+        assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]  # no inference file left
+
+
+@pytest.mark.slow
+def test_fp16_conversion_of_a_graph_over_2_gb(tmp_path):
+    """The real-size Whisper encoder's fp32 graph is 2.5 GB: converting it failed ("Failed to serialize
+    proto") while the converter serialized the model for its shape inference."""
+    import onnxruntime as ort
+
+    from salmonn_export.export.build import _to_fp16
+
+    path = tmp_path / "big.onnx"
+    rows, cols = 2048, 2 ** 18 + 16  # 2.15 GB of fp32 weights
+    _matmul_graph(path, rows, cols)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 2**31
+    _to_fp16(path)
+    assert (tmp_path / "big.onnx.data").stat().st_size < 2**31
+    x = np.ones((1, rows), dtype=np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert y.dtype == np.float32 and y.shape == (1, cols) and np.isfinite(y).all()

@@ -85,8 +85,16 @@ def _to_fp16(path: Path, keep_io_types: bool | list[str] = True) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = onnx.load(str(path))
-    model = convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=False)
+    # The converter needs every value's type (value_info). Its own shape inference serializes the model in
+    # memory, which protobuf refuses past 2 GB (the real-size fp32 Whisper encoder is 2.5 GB: "Failed to
+    # serialize proto"); onnx's path-based inference reads external data itself and gives the same types.
+    inferred = path.with_name(f".{path.name}.inferred")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+        model = onnx.load(str(inferred))  # weights from path's own .data file, beside it
+    finally:
+        inferred.unlink(missing_ok=True)
+    model = convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=True)
     wrapped = OnnxModel(model)
     wrapped.topological_sort()  # the converter appends its input casts after their consumers
     save_model(wrapped.model, path)
