@@ -162,6 +162,66 @@ def _machine() -> dict:
             "note": "2 cores and 24 GB shared with other engineers' jobs; times are upper bounds"}
 
 
+def _recipes(steps: dict) -> list[str]:
+    return list(dict.fromkeys(key.split(" ", 1)[1] for key in steps))
+
+
+def _summary_table(steps: dict) -> list[str]:
+    """One row per recipe: its first build (GPTQ uncached), the calibration KL, verify and bench."""
+    lines = ["| recipe | build s | peak RSS GiB | bundle GB | KL on calibration (top-1) | verify (mean KL, texts exact) "
+             "| TTFT s engine / reference | TPOT s engine / reference | peak memory GB engine / reference |",
+             "|---|---:|---:|---:|---|---|---|---|---|"]
+    for recipe in _recipes(steps):
+        build = steps.get(f"build {recipe}", {})
+        verify = (steps.get(f"verify {recipe}") or {}).get("summary")
+        bench = (steps.get(f"bench {recipe}") or {}).get("summary")
+        if build.get("error") or not build:
+            cells = [build.get("error", "not built"), "", "", ""]
+        else:
+            q = build.get("quantization_eval")
+            cells = [f"{build['wall_seconds']:.0f}", f"{build['peak_rss_gib']:.2f}", f"{build['bundle_bytes'] / 1e9:.2f}",
+                     f"{q['mean_kl']:.2g} ({q['top1_agreement']:.3f})" if q else "-"]
+        if verify:
+            checks = verify["verdict"]["checks"]
+            cells.append(f"{'pass' if verify['verdict']['passed'] else 'fail'} ({checks['first_token_mean_kl']['value']:.2g}, "
+                         f"{checks['text_exact_match']['value']:.2f})")
+        else:
+            cells.append("")
+        if bench:
+            proto, engine = bench["protocol"], next(k for k in bench["protocol"] if k != "reference")
+            ref = proto.get("reference", {})
+            for metric in ("average_ttft_sec", "average_tpot_sec", "average_memory_usage_gb"):
+                value = f"{proto[engine][metric]:.3f}"
+                cells.append(f"{value} / {ref[metric]:.3f}" if metric in ref else value)
+        else:
+            cells += ["", "", ""]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _step_summary(key: str, summary: dict) -> list[str]:
+    """Verify: its checks and stage cosines; bench: the challenge protocol per system (full JSON in the .json)."""
+    if key.startswith("verify"):
+        lines = ["| check | value | limit | result |", "|---|---|---|---|"]
+        lines += [f"| {name} | {c['value']:.6g} | {c['op']} {c['limit']} | {'pass' if c['passed'] else 'FAIL'} |"
+                  for name, c in summary["verdict"]["checks"].items()]
+        lines += ["", "| stage | cosine | max abs | rel |", "|---|---|---|---|"]
+        lines += [f"| {name} | {s['cosine']:.12f} | {s['max_abs']:.3g} | {s['rel']:.3g} |"
+                  for name, s in summary["stages"].items()]
+        return lines
+    if key.startswith("bench"):
+        lines = ["| system | TTFT s | TPOT s | inference s | memory GB |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {p['average_ttft_sec']:.3f} | {p['average_tpot_sec']:.4f} | {p['average_inference_time_sec']:.3f} "
+                  f"| {p['average_memory_usage_gb']:.2f} |" for name, p in summary["protocol"].items()]
+        settings = summary.get("settings", {})
+        lines.append(f"\n{settings.get('iters')} iterations after {settings.get('warmup')} warm-up, "
+                     f"{settings.get('audio_seconds')} s clip, isolated processes: {settings.get('isolated')}; "
+                     "reference drift (last/first run) "
+                     f"{summary.get('reference_drift')}.")
+        return lines
+    return ["```json", json.dumps(summary, indent=1)[:4000], "```"]
+
+
 def _write_markdown(data: dict, path: Path) -> None:
     lines = [f"# {data['preset']}: real-size build, bench and verify on CPU", "",
              f"Machine: {data['machine']['cpus']} CPUs, {data['machine']['ram_gib']} GiB RAM ({data['machine']['note']}).",
@@ -171,6 +231,7 @@ def _write_markdown(data: dict, path: Path) -> None:
         lines += [f"Model folder: {m.get('bytes', 0) / 1e9:.2f} GB, written in {m.get('wall_seconds')} s, "
                   f"peak RSS {m.get('peak_rss_gib')} GiB.", ""]
     lines += [f"Note: {n}" for n in data.get("notes", [])] + ([""] if data.get("notes") else [])
+    lines += _summary_table(data["steps"]) + [""]
     for key, step in data["steps"].items():
         lines.append(f"## {key}")
         if step.get("error"):
@@ -192,7 +253,7 @@ def _write_markdown(data: dict, path: Path) -> None:
             lines.append(f"Wall {step['wall_seconds']} s, peak RSS {step['peak_rss_gib']} GiB (anonymous "
                          f"{step.get('peak_anon_rss_gib', 'not recorded')}), exit {step['rc']}.")
             if step.get("summary"):
-                lines += ["", "```json", json.dumps(step["summary"], indent=1)[:4000], "```"]
+                lines += [""] + _step_summary(key, step["summary"])
         lines.append("")
     path.write_text("\n".join(lines))
 
