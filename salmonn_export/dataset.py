@@ -20,15 +20,20 @@ from salmonn_export.errors import SalmonnError, SalmonnWarning
 from salmonn_export.model.config import SalmonnConfig
 from salmonn_export.tasks import TASK_KEYS
 
+_WARNED_FOLDERS: set[Path] = set()
+
 
 def audio_files(folder: str | Path) -> list[Path]:
     """Every audio file below a folder, sorted (extensions in AUDIO_SUFFIXES, any case).
 
-    Files in containers soundfile cannot decode (UNREADABLE_AUDIO_SUFFIXES, e.g. .m4a) get one
-    SalmonnWarning naming how many and a conversion; a folder with none readable raises SalmonnError
-    naming the folder (and those files, when that is why it is empty)."""
+    Hidden files and folders (a leading dot: macOS `._clip.wav` AppleDouble files, `.Trash`, `.git`)
+    are not audio and are left out. Files in containers soundfile cannot decode
+    (UNREADABLE_AUDIO_SUFFIXES, e.g. .m4a) get one SalmonnWarning per folder naming how many and a
+    conversion; a folder with none readable raises SalmonnError naming the folder (and those files,
+    when that is why it is empty)."""
     folder = Path(folder)
-    entries = sorted(p for p in folder.rglob("*") if p.is_file())
+    entries = sorted(p for p in folder.rglob("*")
+                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     files = [p for p in entries if p.suffix.lower() in AUDIO_SUFFIXES]
     unreadable = [p for p in entries if p.suffix.lower() in UNREADABLE_AUDIO_SUFFIXES]
     if unreadable:
@@ -37,7 +42,9 @@ def audio_files(folder: str | Path) -> list[Path]:
                 f"e.g. {unreadable[0]}: convert them to WAV or FLAC first (ffmpeg -i IN -ar 16000 OUT.wav)")
         if not files:
             raise SalmonnError(f"no readable audio files in this folder: {note}", folder)
-        warnings.warn(f"{folder}: skipping {note}", SalmonnWarning, stacklevel=2)
+        if folder.resolve() not in _WARNED_FOLDERS:  # listed again by each stage that reads the folder
+            _WARNED_FOLDERS.add(folder.resolve())
+            warnings.warn(f"{folder}: skipping {note}", SalmonnWarning, stacklevel=2)
     if not files:
         raise SalmonnError("no audio files in this folder (readable: "
                            f"{' '.join(AUDIO_SUFFIXES)})", folder)
@@ -181,7 +188,8 @@ def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, pu
     if given is not None:
         if audio_root is not None and Path(given).is_dir():
             raise SalmonnError(f"--audio-root applies to an annotation .json, not to an audio folder ({option})", given)
-        return DataSource(Path(given), option, Path(audio_root) if audio_root is not None else None)
+        return check_source(DataSource(Path(given), option, Path(audio_root).resolve() if audio_root is not None
+                                       else None), option)
     datasets = config.datasets or {}
     for name in ANNOTATION_FIELDS:
         value = datasets.get(name)
@@ -191,10 +199,37 @@ def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, pu
                 raise SalmonnError(f"`datasets.{name}` names an annotation file that does not exist: {path}",
                                    config.path)
             prefix = datasets.get("prefix")
-            return DataSource(path, f"datasets.{name}", config.resolve(str(prefix)) if prefix else None)
+            return check_source(DataSource(path, f"datasets.{name}", config.resolve(str(prefix)) if prefix else None),
+                                "`datasets.prefix`")
     from salmonn_export.model.demo import demo_dir
 
     if config.path is not None and config.path.resolve() == (demo_dir() / "config.yaml").resolve():
         return DataSource(config.path.parent / "audio", DEMO_ORIGIN)
     raise SalmonnError(f"no {purpose} data: `datasets:` names no {', '.join(ANNOTATION_FIELDS)}; pass {option} "
                        "AUDIO_FOLDER or ANNOTATION.json", config.path)
+
+
+def check_source(source: DataSource, option: str) -> DataSource:
+    """Fail before any model loads (minutes at real size) on data that cannot be used: a path that does
+    not exist, an audio root that is not a folder, a folder without readable audio, a file that is not
+    an annotation .json, or an annotation naming audio that is not there (every item is checked, not
+    only those a calibration sample would draw). Raises SalmonnError naming the file; returns `source`."""
+    path = source.path
+    if not path.exists():
+        raise SalmonnError(f"{option}: no such file or folder", path)
+    if source.audio_root is not None and not source.audio_root.is_dir():
+        raise SalmonnError("the audio root is not a folder" if source.audio_root.exists() else
+                           "the audio root does not exist", source.audio_root)
+    if path.is_dir():
+        audio_files(path)
+        return source
+    if path.suffix.lower() != ".json":
+        raise SalmonnError(f"{option} must be an audio folder or an annotation .json", path)
+    examples = read_annotation(path, audio_root=source.audio_root)
+    missing = [e for e in examples if not e.audio.is_file()]
+    if missing:
+        hint = (f"; the annotation's paths are read relative to {path.parent}: give --audio-root ROOT when they "
+                "sit under a data prefix") if source.audio_root is None else ""
+        raise SalmonnError(f"{len(missing)} of {len(examples)} annotation items name audio that is not there, "
+                           f"the first {missing[0].testset_id}: {missing[0].audio}{hint}", path)
+    return source

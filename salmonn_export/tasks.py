@@ -6,6 +6,8 @@ On the command line tasks are `asr` and `aac`; annotations and prompt files use 
 
 from __future__ import annotations
 
+import difflib
+
 from salmonn_export.errors import SalmonnError
 
 TASK_KEYS = {"asr": "asr", "aac": "audiocaption_v2"}
@@ -26,6 +28,9 @@ def templated_prompt(prompts: dict[str, str], task: str, template: str) -> str:
     key = task_key(task)
     if key not in prompts:
         known = dict.fromkeys(["asr", "aac", *(short_task(k) for k in sorted(prompts))])  # once each, in order
-        raise SalmonnError(f"unknown task `{task}`; known: " + ", ".join(known))
+        guess = [k for k in known if k.lower() == task.lower()] or difflib.get_close_matches(task, list(known), n=1)
+        hint = f" (did you mean `{guess[0]}`?)" if guess else ""
+        raise SalmonnError(f"unknown task `{task}`{hint}; a task is asr, aac or a key of the prompt file; "
+                           "known: " + ", ".join(known))
     prompt = prompts[key]
     return template.format(prompt) if template else prompt

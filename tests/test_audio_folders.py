@@ -54,3 +54,27 @@ def test_folder_without_audio_names_what_is_read(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SalmonnError, match=r"no audio files in this folder \(readable: .wav .* .opus"):
         audio_files(tmp_path)
+
+
+def test_hidden_files_and_folders_are_not_audio(tmp_path):
+    """macOS AppleDouble `._clip.wav` (not audio at all), dot-files and dot-folders are left out."""
+    _tone(tmp_path / "clip.wav", "WAV", "PCM_16")
+    (tmp_path / "._clip.wav").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble header
+    _tone(tmp_path / ".dotfile.wav", "WAV", "PCM_16")
+    (tmp_path / ".hidden").mkdir()
+    _tone(tmp_path / ".hidden" / "h.wav", "WAV", "PCM_16")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "._x.flac").write_bytes(bytes(64))
+    _tone(tmp_path / "sub" / "x.flac", "FLAC", "PCM_16")
+    assert audio_files(tmp_path) == [tmp_path / "clip.wav", tmp_path / "sub" / "x.flac"]
+
+
+def test_the_undecodable_warning_is_given_once_per_folder(tmp_path):
+    """Build and verify list a folder more than once (hashing it, then reading it): one warning line."""
+    _tone(tmp_path / "ok.wav", "WAV", "PCM_16")
+    (tmp_path / "a.m4a").write_bytes(bytes(64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        audio_files(tmp_path)
+        audio_files(tmp_path)
+    assert len([w for w in caught if issubclass(w.category, SalmonnWarning)]) == 1

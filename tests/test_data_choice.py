@@ -178,3 +178,94 @@ def test_build_calib_annotation_with_audio_root(challenge_fixture, tmp_path):
     assert proc.returncode == 0, proc.stderr
     calibration = json.loads((tmp_path / "b" / "manifest.json").read_text())["quantization"]["calibration"]
     assert calibration["origin"] == "--calib" and calibration["audio_root"] == str(challenge_fixture)
+
+
+@pytest.mark.parametrize("args,option", [
+    (["build", "--recipe", "w4a16-rtn", "--calib", ""], "`--calib`"),
+    (["verify", "--data", ""], "`--data`"),
+    (["build", "--calib", "x.json", "--audio-root", ""], "`--audio-root`"),
+    (["generate", ""], "an argument"),
+])
+def test_an_empty_argument_is_refused_before_anything_runs(tmp_path, args, option):
+    """An unset shell variable gives "": Path("") is the current folder, which would be searched (.venv and all)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {option} is an empty string (an unset shell variable?)"
+
+
+def _moved_annotation(challenge_fixture, tmp_path, items=None) -> Path:
+    ann = tmp_path / "moved" / "ann.json"
+    ann.parent.mkdir(exist_ok=True)
+    data = json.loads((challenge_fixture / "ann.json").read_text())
+    if items is not None:
+        data["annotation"] = items(data["annotation"])
+    ann.write_text(json.dumps(data))
+    return ann
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("no root", "4 of 4 annotation items name audio that is not there, the first test0000"),
+    ("missing root", "the audio root does not exist"),
+    ("root is a file", "the audio root is not a folder"),
+    ("one item missing", "1 of 4 annotation items name audio that is not there, the first test0003"),
+    ("no such path", "--calib: no such file or folder"),
+    ("not json", "--calib must be an audio folder or an annotation .json"),
+])
+def test_unusable_data_stops_before_the_model_loads(challenge_fixture, tmp_path, case, needle):
+    """Checked in choose_data, before any load: every item, not only those a calibration sample would draw."""
+    config = load_config(challenge_fixture / "config.yaml")
+    ann = _moved_annotation(challenge_fixture, tmp_path)
+    given, root = ann, challenge_fixture
+    if case == "no root":
+        root = None
+    elif case == "missing root":
+        root = tmp_path / "nope"
+    elif case == "root is a file":
+        root = challenge_fixture / "ann.json"
+    elif case == "one item missing":
+        given = _moved_annotation(challenge_fixture, tmp_path,
+                                  lambda items: items[:3] + [{**items[3], "path": "audio/gone.wav"}])
+    elif case == "no such path":
+        given = tmp_path / "gone.json"
+    elif case == "not json":
+        given = tmp_path / "ann.txt"
+        given.write_text("{}")
+    with pytest.raises(SalmonnError, match=needle) as info:
+        choose_data(config, given, "--calib", "calibration", root)
+    if case == "no root":
+        assert "give --audio-root ROOT" in str(info.value)
+    upper = tmp_path / "moved" / "ANN.JSON"  # the extension in any case
+    upper.write_text((challenge_fixture / "ann.json").read_text())
+    assert choose_data(config, upper, "--calib", "calibration", challenge_fixture).path == upper
+
+
+def test_a_relative_audio_root_is_recorded_absolute(challenge_fixture, tmp_path, monkeypatch):
+    monkeypatch.chdir(challenge_fixture.parent)
+    ann = _moved_annotation(challenge_fixture, tmp_path)
+    source = choose_data(load_config(challenge_fixture / "config.yaml"), ann, "--data", "verification",
+                         Path(challenge_fixture.name))
+    assert source.record()["audio_root"] == str(challenge_fixture)
+
+
+def test_verify_warns_when_the_checkpoint_is_not_the_bundles(fixture_bundles, challenge_tied_fixture):
+    """The tied and untied fixtures have byte-identical config.yaml files: only the checkpoint tells them
+    apart, and verify against the wrong one would fail every check with no hint why."""
+    proc = run_cli("verify", fixture_bundles["fp32"], "--model", challenge_tied_fixture / "config.yaml", "--json")
+    warning = [line for line in proc.stderr.splitlines() if "is not the ckpt file the bundle was built from" in line]
+    assert len(warning) == 1 and str(challenge_tied_fixture / "checkpoint_best.pth") in warning[0]
+    assert "verify would compare the engine with another model" in warning[0]
+
+
+def test_build_warns_on_unused_or_short_calibration_data(challenge_fixture, tmp_path):
+    ann = _moved_annotation(challenge_fixture, tmp_path)
+    fp32 = run_cli("build", "--recipe", "fp32", "--model", challenge_fixture / "config.yaml", "--calib", ann,
+                   "--audio-root", challenge_fixture, "--out", tmp_path / "fp32", "--json")
+    assert fp32.returncode == 0, fp32.stderr
+    note = "this recipe does not calibrate (no quantized weights): --calib/--audio-root are not used"
+    assert f"warning: {note}" in fp32.stderr and note in json.loads(fp32.stdout)["warnings"]
+    rtn = run_cli("build", "--recipe", "w4a16-rtn", "--model", challenge_fixture / "config.yaml", "--calib", ann,
+                  "--audio-root", challenge_fixture, "--calib-samples", "100", "--out", tmp_path / "rtn", "--json",
+                  "--no-cache")
+    assert rtn.returncode == 0, rtn.stderr
+    short = "calibration asked for 100 sequences, the data gave 4 (4 items)"
+    assert short in rtn.stderr and any(short in w for w in json.loads(rtn.stdout)["warnings"])

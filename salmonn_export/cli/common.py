@@ -51,6 +51,14 @@ class SalmonnTyper(typer.Typer):
     exactly as Ctrl-C does (exit 143)."""
 
     def __call__(self, *args, **kwargs):
+        argv = kwargs.get("args", args[0] if args else None)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if "" in argv:  # an unset shell variable: Path("") is the current folder, searched with .venv and all
+            where = argv.index("")
+            what = f"`{argv[where - 1]}`" if where and argv[where - 1].startswith("-") else "an argument"
+            err.print(f"[bold red]error:[/] {what} is an empty string (an unset shell variable?)", markup=True,
+                      highlight=False)
+            sys.exit(2)
         click_exception, no_args_is_help = _usage_error_types()
         main_thread = threading.current_thread() is threading.main_thread()
         _SIGTERM_SEEN.clear()
@@ -85,7 +93,8 @@ app = SalmonnTyper(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+# soft_wrap: lines piped to a file stay whole (rich wraps at 80 columns without a terminal)
+out = Console(soft_wrap=True)
 # soft_wrap: a log line or warning stays one line in a log file or pipe (rich wraps at 80 columns there)
 err = Console(stderr=True, soft_wrap=True)
 

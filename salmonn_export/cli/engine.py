@@ -187,8 +187,10 @@ def verify(
 
 def _check_bundle_matches_config(manifest: dict, cfg, bundle: Path) -> None:
     """verify compares a bundle with the model it was built from: a config whose Q-Former windowing
-    differs from the bundle's is the wrong model (SalmonnError); one whose file changed since the
-    build (sha256 in the manifest) gets a warning line."""
+    differs from the bundle's is the wrong model (SalmonnError). The trained checkpoint and BEATs file
+    are compared with the sha256s the manifest recorded (a few seconds at real size; the Whisper and
+    LLM folders, GBs, are not hashed again): a difference is a warning line naming the file, since
+    every check would then compare against another model. So is a config file that differs."""
     from salmonn_export.bundle import sha256_file
     from salmonn_export.model.qformer import num_windows, window_size
 
@@ -200,9 +202,18 @@ def _check_bundle_matches_config(manifest: dict, cfg, bundle: Path) -> None:
     if got != built:
         raise SalmonnError(f"this config's Q-Former windowing {got} is not the bundle's {built}: the bundle was "
                            f"built from another model (its source: {manifest['source'].get('config')})", cfg.path)
-    recorded = manifest["source"].get("sha256", {}).get("config")
-    if recorded and cfg.path and sha256_file(cfg.path) != recorded:
-        err.print(f"warning: {cfg.path} changed since the bundle was built from it (sha256 differs)", highlight=False)
+    recorded = manifest["source"].get("sha256", {})
+    built_from = manifest["source"].get("config")
+    for label, value in (("ckpt", m.ckpt), ("beats", m.beats_path)):
+        path = cfg.resolve(value) if value else None
+        if recorded.get(label) and path is not None and path.is_file() and sha256_file(path) != recorded[label]:
+            err.print(f"warning: {path} is not the {label} file the bundle was built from (sha256 differs; built "
+                      f"from {built_from}): verify would compare the engine with another model", highlight=False)
+    if recorded.get("config") and cfg.path and sha256_file(cfg.path) != recorded["config"]:
+        same_path = built_from and Path(built_from).resolve() == cfg.path.resolve()
+        err.print(f"warning: {cfg.path} " + ("changed since the bundle was built from it" if same_path else
+                                              f"differs from the config the bundle was built from ({built_from})")
+                  + " (sha256 differs)", highlight=False)
 
 
 @app.command()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from salmonn_export.bundle import sha256_file
 from salmonn_export.dataset import DataSource, choose_data
-from salmonn_export.errors import SalmonnError
+from salmonn_export.errors import SalmonnError, SalmonnWarning
 from salmonn_export.files import atomic_dir
 from salmonn_export.model.config import load_config
 
@@ -34,6 +35,24 @@ class StageLog:
         self.seconds[name] = round(time.perf_counter() - t0, 3)
 
 
+@contextlib.contextmanager
+def _recording_warnings() -> Iterator[list[str]]:
+    """The SalmonnWarnings shown while the block runs (still printed through the current hook)."""
+    seen: list[str] = []
+    previous = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, SalmonnWarning):
+            seen.append(str(message))
+        previous(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield seen
+    finally:
+        warnings.showwarning = previous
+
+
 def build_atomically(out: Path, force: bool, config_path: Path, calib: Path | None, needs_data: bool,
                      build_into: Callable[[Path, DataSource | None], dict], audio_root: Path | None = None) -> dict:
     """Run `build_into(temp_folder, calibration_data)` and rename the folder to `out` when it returns.
@@ -45,9 +64,17 @@ def build_atomically(out: Path, force: bool, config_path: Path, calib: Path | No
     out = out.expanduser().resolve()
     if out.exists() and not force:
         raise SalmonnError("bundle already exists (use --force to replace it)", out)
-    calib_data = choose_data(load_config(config_path), calib, "--calib", "calibration", audio_root) if needs_data else None
-    with atomic_dir(out, force=True, what="bundle") as tmp:
-        report = build_into(tmp, calib_data)
+    with _recording_warnings() as seen:  # printed as they happen, and kept in the report (--json)
+        if needs_data:
+            calib_data = choose_data(load_config(config_path), calib, "--calib", "calibration", audio_root)
+        else:
+            calib_data = None
+            if calib is not None or audio_root is not None:
+                warnings.warn("this recipe does not calibrate (no quantized weights): --calib/--audio-root are not used",
+                              SalmonnWarning, stacklevel=2)
+        with atomic_dir(out, force=True, what="bundle") as tmp:
+            report = build_into(tmp, calib_data)
+    report["warnings"] = [*report.get("warnings", []), *(w for w in seen if w not in report.get("warnings", []))]
     report["bundle"] = str(out)
     return report
 

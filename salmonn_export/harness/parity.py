@@ -42,7 +42,7 @@ def verify_items(data: str | Path | None, default: Callable[[], list[Item]],
     data = Path(data)
     if data.is_dir():
         return [Item(f, t) for f in audio_files(data) for t in ("asr", "aac")]
-    if data.is_file() and data.suffix == ".json":
+    if data.is_file() and data.suffix.lower() == ".json":
         return [Item(e.audio, short_task(e.task), e.text) for e in read_annotation(data, audio_root=audio_root)]
     raise SalmonnError("--data must be an audio folder or an annotation .json", data)
 

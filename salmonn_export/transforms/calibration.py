@@ -33,7 +33,7 @@ def calibration_items(source: str | Path, audio_root: str | Path | None = None) 
     source = Path(source)
     if source.is_dir():
         return [CalibItem(p) for p in audio_files(source)]
-    if source.suffix == ".json" and source.is_file():
+    if source.suffix.lower() == ".json" and source.is_file():
         return [CalibItem(e.audio, e.text, short_task(e.task)) for e in read_annotation(source, audio_root=audio_root)]
     raise SalmonnError("calibration data must be an audio folder or an annotation .json", source)
 
@@ -72,4 +72,11 @@ def build_calibration(salmonn: SALMONN, items: list[CalibItem], settings: Calibr
             sequences.append({"inputs_embeds": embeds.float(), "attention_mask": atts})
             if len(sequences) >= settings.samples:
                 return sequences
+    import warnings
+
+    from salmonn_export.errors import SalmonnWarning
+
+    warnings.warn(f"calibration asked for {settings.samples} sequences, the data gave {len(sequences)} "
+                  f"({len(items)} items): GPTQ calibrates on fewer (lower --calib-samples or give more data)",
+                  SalmonnWarning, stacklevel=2)
     return sequences
