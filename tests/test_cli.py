@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_dir, audio_dir):
     assert "Traceback" not in proc.stderr
     proc = run("generate", "--model", tiny_dir / "config.yaml", audio_dir / "broken.wav", check=False)
     assert proc.returncode == 2 and "broken.wav: unreadable audio" in proc.stderr
+    # a bad file after a good one: found from its header before anything runs, so no partial output
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+    proc = run("generate", "--model", tiny_dir / "config.yaml", audio_dir / "tone_2s.wav", text, "--json", check=False)
+    assert proc.returncode == 2 and f"{text}: unreadable audio" in proc.stderr and proc.stdout == ""
     # every path is checked before the model loads: no result of the good file, one line for the missing one
     proc = run("generate", "--model", tiny_dir / "config.yaml", audio_dir / "tone_2s.wav", tmp_path / "nosuch.wav",
                check=False)
@@ -151,3 +157,12 @@ def test_cli_prints_our_warning_once_as_one_line(tmp_path, tiny_dir, audio_dir, 
                audio_dir / "speech_a.wav", audio_dir / "stereo_22k.wav")
     lines = [line for line in proc.stderr.splitlines() if "accuracy_level" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: recipe w8a16:") and "w8a8" in lines[0]
+
+
+def test_a_file_name_with_a_tab_or_newline_keeps_one_output_line(tiny_dir, audio_dir, tmp_path):
+    odd = [tmp_path / "tab\there.wav", tmp_path / "new\nline.wav"]
+    for path in odd:
+        shutil.copy(audio_dir / "tone_2s.wav", path)
+    proc = run("generate", "--model", tiny_dir / "config.yaml", *odd)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and [line.split("\t")[0] for line in lines] == [repr(str(p)) for p in odd]

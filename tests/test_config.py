@@ -53,8 +53,12 @@ def test_wrong_type_is_an_error_naming_the_field(tmp_path):
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
-    with pytest.raises(SalmonnError, match="not valid YAML"):
+    with pytest.raises(SalmonnError, match="not valid YAML at line 2, column"):
         load_config(write(tmp_path, "model: [unclosed\n  - x: :"))
+    with pytest.raises(SalmonnError, match=r"not valid YAML at line 3, column 10 \(mapping values"):
+        load_config(write(tmp_path, "model:\n  lora: true\n  ckpt: a: b\n"))
+    with pytest.raises(SalmonnError, match="`model:` must be a mapping of fields, not a list"):
+        load_config(write(tmp_path, "model: [1, 2]\n"))
     with pytest.raises(SalmonnError, match="not found"):
         load_config(tmp_path / "nope.yaml")
 

@@ -216,12 +216,21 @@ def model_config(model: Path | None) -> Path:
 def audio_or_demo(audio: list[Path] | None, task: str, explicit: bool, what: str) -> list[Path]:
     """The given files, or the demo clips when running the demo default. Every given path is checked
     before any model loads: a mistyped name is one error line at once, not after a minute of loading
-    or after earlier files' results (a folder or missing file: `audio file not found`, as load_clip says)."""
+    or after earlier files' results (a folder or missing file: `audio file not found`, as load_clip says;
+    a file whose header soundfile cannot read: load_clip's `unreadable audio` line)."""
     if audio:
+        import soundfile as sf
+
         for path in audio:
             if not Path(path).is_file():
                 raise SalmonnError("audio file not found" if not Path(path).is_dir() else
                                    "is a folder; give audio files", path)
+            try:  # the header only: a text file named .wav stops the run before any result, not midway
+                sf.info(str(path))
+            except Exception:
+                from salmonn_export.audio import load_clip
+
+                load_clip(path)  # raises the loader's own one-line error (with a conversion hint for .m4a)
         return audio
     if explicit:
         raise SalmonnError(f"give audio files (demo clips exist only for the demo {what})")
@@ -243,7 +252,8 @@ def stream_texts(audio: list[Path], batch_size: int, transcribe: Callable[[list[
         for a, t in zip(batch, transcribe(batch)):
             results.append({"audio": str(a), "text": t, "dropped_seconds": warn_dropped_audio(a)})
             if not as_json:
-                sys.stdout.write(f"{a}\t{t!r}\n" if not t.isprintable() else f"{a}\t{t}\n")
+                name = str(a) if str(a).isprintable() else repr(str(a))  # a tab or newline in a name would split the line
+                sys.stdout.write(f"{name}\t{t!r}\n" if not t.isprintable() else f"{name}\t{t}\n")
                 sys.stdout.flush()
     if as_json:
         info = {**info, seconds_key: round(time.perf_counter() - start, 3), "results": results}

@@ -188,8 +188,10 @@ def parse_config(raw: dict[str, Any], path: Path | None = None, overrides: list[
         if key not in SECTIONS:
             warnings.append(f"unknown section `{key}` is ignored")
     model_raw = raw.get("model")
-    if not isinstance(model_raw, dict):
+    if model_raw is None:
         raise SalmonnError("missing required section `model:`", source)
+    if not isinstance(model_raw, dict):
+        raise SalmonnError(f"`model:` must be a mapping of fields, not a {type(model_raw).__name__}", source)
     for name in REQUIRED_MODEL_FIELDS:
         if not model_raw.get(name):
             raise SalmonnError(f"missing required field `model.{name}`", source)
@@ -232,7 +234,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Salmonn
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SalmonnError(f"not valid YAML ({first})", path) from None
+        mark = getattr(exc, "problem_mark", None)  # yaml's 0-based position of the problem
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise SalmonnError(f"not valid YAML{where} ({first})", path) from None
     if not isinstance(raw, dict):
         raise SalmonnError("the config must be a YAML mapping with a `model:` section", path)
     return parse_config(raw, path, overrides)
