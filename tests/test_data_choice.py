@@ -62,6 +62,7 @@ def test_config_annotation_chosen_valid_then_test_then_train(challenge_fixture, 
 
 
 def test_given_path_wins_over_the_config(challenge_fixture, tmp_path):
+    shutil.copy(challenge_fixture / "audio" / "a.wav", tmp_path / "a.wav")
     source = choose_data(load_config(challenge_fixture / "config.yaml"), tmp_path, "--data", "verification")
     assert source.path == tmp_path and source.origin == "--data" and source.audio_root is None
 

@@ -222,7 +222,7 @@ def test_unknown_task_stops_before_anything_loads(fp32_bundle, tiny_dir, audio_d
     (config.parent / ckpt).unlink()
     clip = audio_dir / "tone_2s.wav"
     for args in (["run", "--engine", broken], ["generate", "--model", config]):
-        for task, hint in (("nope", ""), ("ASR", " (did you mean `asr`?)"), ("caption", "")):
+        for task, hint in (("nope", ""), ("ASR", " (did you mean `asr`?)"), ("caption", " (did you mean `audiocaption`?)")):
             proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args), "--task", task, str(clip)],
                                   capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
