@@ -200,7 +200,7 @@ def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, pu
                                    config.path)
             prefix = datasets.get("prefix")
             return check_source(DataSource(path, f"datasets.{name}", config.resolve(str(prefix)) if prefix else None),
-                                "`datasets.prefix`")
+                                f"`datasets.{name}`")
     from salmonn_export.model.demo import demo_dir
 
     if config.path is not None and config.path.resolve() == (demo_dir() / "config.yaml").resolve():

@@ -7,6 +7,7 @@ reference text, its tokens (plus end_sym) are appended, teacher-forced, as in tr
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 
 from salmonn_export.audio import load_audio
 from salmonn_export.dataset import audio_files, read_annotation
-from salmonn_export.errors import SalmonnError
+from salmonn_export.errors import SalmonnError, SalmonnWarning
 from salmonn_export.model.salmonn import SALMONN
 from salmonn_export.recipes import Calibration
 from salmonn_export.tasks import short_task
@@ -72,10 +73,6 @@ def build_calibration(salmonn: SALMONN, items: list[CalibItem], settings: Calibr
             sequences.append({"inputs_embeds": embeds.float(), "attention_mask": atts})
             if len(sequences) >= settings.samples:
                 return sequences
-    import warnings
-
-    from salmonn_export.errors import SalmonnWarning
-
     warnings.warn(f"calibration asked for {settings.samples} sequences, the data gave {len(sequences)} "
                   f"({len(items)} items): GPTQ calibrates on fewer (lower --calib-samples or give more data)",
                   SalmonnWarning, stacklevel=2)
