@@ -237,19 +237,27 @@ def test_int8_activation_decoder_is_validated_on_its_own_kernel(challenge_fixtur
         assert 0.5 <= check["cosine_vs_fp32_compute"] < 1.0
 
 
-def _matmul_graph(path: Path, rows: int, cols: int) -> None:
-    """x [1, rows] @ W [rows, cols] + b → y, weights in `path`.data (the layout every exported graph has)."""
+def _matmul_graph(path: Path, rows: int, cols: int, layers: int = 1) -> None:
+    """x [1, rows] → `layers` × (MatMul W [rows, rows] + b) → MatMul [rows, cols] → y, weights in `path`.data
+    (the layout every exported graph has: many tensors, each under protobuf's 2 GB, however large the sum)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from salmonn_export.export.onnx_export import save_model
 
     rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((rows, cols), dtype=np.float32), "encoder.w")
-    bias = numpy_helper.from_array(rng.standard_normal(cols, dtype=np.float32), "encoder.b")
-    nodes = [helper.make_node("MatMul", ["x", "encoder.w"], ["h"], name="encoder/MatMul"),
-             helper.make_node("Add", ["h", "encoder.b"], ["y"], name="encoder/Add")]
+    nodes, weights, current = [], [], "x"
+    for layer in range(layers + 1):
+        width = cols if layer == layers else rows
+        scale = np.float32(1 / np.sqrt(rows))
+        weights += [numpy_helper.from_array(rng.standard_normal((rows, width), dtype=np.float32) * scale,
+                                            f"encoder.{layer}.w"),
+                    numpy_helper.from_array(rng.standard_normal(width, dtype=np.float32), f"encoder.{layer}.b")]
+        out = "y" if layer == layers else f"h{layer}"
+        nodes += [helper.make_node("MatMul", [current, f"encoder.{layer}.w"], [f"m{layer}"], name=f"encoder/{layer}/MatMul"),
+                  helper.make_node("Add", [f"m{layer}", f"encoder.{layer}.b"], [out], name=f"encoder/{layer}/Add")]
+        current = out
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], [weight, bias])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], weights)
     save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
@@ -282,11 +290,16 @@ def test_fp16_conversion_of_a_graph_over_2_gb(tmp_path):
     from salmonn_export.export.build import _to_fp16
 
     path = tmp_path / "big.onnx"
-    rows, cols = 2048, 2 ** 18 + 16  # 2.15 GB of fp32 weights
-    _matmul_graph(path, rows, cols)
+    rows, cols = 13_500, 64  # three 729 MB layers: 2.19 GB of fp32 weights, like the 2.5 GB Whisper encoder
+    _matmul_graph(path, rows, cols, layers=3)
     assert (tmp_path / "big.onnx.data").stat().st_size > 2**31
+    x = np.random.default_rng(1).standard_normal((1, rows), dtype=np.float32)
+    run = lambda: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    expected = run()
     _to_fp16(path)
     assert (tmp_path / "big.onnx.data").stat().st_size < 2**31
-    x = np.ones((1, rows), dtype=np.float32)
-    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert y.dtype == np.float32 and y.shape == (1, cols) and np.isfinite(y).all()
+    assert {t.data_type for t in onnx.load(str(path), load_external_data=False).graph.initializer} == {onnx.TensorProto.FLOAT16}
+    got = run()
+    assert got.dtype == np.float32 and got.shape == (1, cols)  # fp32 inputs and outputs kept (keep_io_types)
+    cosine = float(np.dot(got[0], expected[0]) / np.linalg.norm(got[0]) / np.linalg.norm(expected[0]))
+    assert cosine > 0.999, cosine
