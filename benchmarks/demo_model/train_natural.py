@@ -135,7 +135,7 @@ def score(work: Path, out: Path) -> dict:
     else:
         hyp = model.transcribe([sample[0]], "asr")[0]
         result["pyannote_sample"] = {"wer": compute_wer([hyp], [sample[1]])["wer"], "hyp": hyp, "ref": sample[1]}
-    annotation = [{"testset_id": f"heldout{i:04d}", "path": c["path"], "task": c["task"], "text": c["text"].lower()}
+    annotation = [{"testset_id": f"test{i:04d}", "path": c["path"], "task": c["task"], "text": c["text"].lower()}
                   for i, c in enumerate(c for c in clips if c["split"].startswith("heldout"))]
     (work / "heldout.json").write_text(json.dumps({"annotation": annotation}, indent=1))  # for `eval` on engines
     (out / "scores.json").write_text(json.dumps(result, indent=1))

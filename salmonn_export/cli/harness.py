@@ -241,7 +241,7 @@ def demo_data(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Synthesize a small ASR + AAC test set (espeak-ng speech, generated sound scenes) with references.
+    """Synthesize a small ASR + AAC test set (flite speech, generated sound scenes) with references.
 
     Example: salmonn-export demo-data /tmp/demo-set --seed 0
     """

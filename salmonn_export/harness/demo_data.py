@@ -1,6 +1,6 @@
 """`salmonn-export demo-data`: a small ASR + AAC test set synthesized locally, in challenge format.
 
-ASR: sentences spoken by espeak-ng with several voices and speeds, saved at 16 kHz and other
+ASR: sentences spoken by flite with several voices and speeds, saved at 16 kHz and other
 rates, mono and stereo. AAC: generated sound scenes (tones, chirps, noise bursts, rhythms), each
 with a caption. One annotation JSON holds both tasks, with references.
 """
@@ -29,7 +29,8 @@ SENTENCES = [
     "he read twenty one pages before dinner",
     "the train to london leaves from platform four",
 ]
-VOICES = [("en-us", 160), ("en-gb", 140), ("en-us", 185), ("en-gb-x-rp", 170), ("en", 150)]
+# flite voices (Debian main): rms is held out of the demo's training, the others are trained on
+VOICES = [("flite:rms", 160), ("flite:slt", 140), ("flite:awb", 185), ("flite:kal16", 170), ("flite:rms", 150)]
 RATES = [16000, 22050, 16000, 44100, 8000]
 
 

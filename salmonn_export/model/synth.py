@@ -1,4 +1,4 @@
-"""Local audio synthesis: speech with espeak-ng, sound scenes with numpy. No downloads."""
+"""Local audio synthesis: speech with flite or espeak-ng, sound scenes with numpy. No downloads."""
 
 from __future__ import annotations
 
@@ -12,24 +12,53 @@ import soundfile as sf
 
 from salmonn_export.errors import SalmonnError
 
+FLITE_PREFIX = "flite:"  # `flite:rms` speaks with flite's built-in voice rms; any other name is an espeak-ng voice
+DEFAULT_SPEED = 160  # words per minute, espeak-ng's unit; flite's duration stretch is 160 / speed
+
 
 def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def speak(text: str, out: str | Path, voice: str = "en-us", speed: int = 160, sample_rate: int = 16000,
+def flite_available() -> bool:
+    return shutil.which("flite") is not None
+
+
+def flite_voices() -> list[str]:
+    """flite's built-in voices (`flite -lv`)."""
+    listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout
+    return listed.split(":", 1)[-1].split()
+
+
+def speak(text: str, out: str | Path, voice: str = "en-us", speed: int = DEFAULT_SPEED, sample_rate: int = 16000,
           pitch: int = 50) -> Path:
-    """Speak `text` into a 16-bit WAV at `sample_rate` (espeak-ng renders 22.05 kHz; resampled with soxr)."""
-    if not espeak_available():
+    """Speak `text` into a 16-bit mono WAV at `sample_rate` Hz, resampled with soxr from the engine's rate.
+
+    `voice`: `flite:<name>` for flite's built-in voices (rms, slt, awb, kal16, kal: natural enough that
+    Whisper tiny.en reads them at 9-13 % WER, issue 17), else an espeak-ng voice (en-us, en-gb, ...;
+    robotic, 24-34 %). `speed` in words per minute; `pitch` (0-99) is espeak-ng's only.
+    Raises SalmonnError when the engine is not installed or fails."""
+    flite_voice = voice[len(FLITE_PREFIX):] if voice.startswith(FLITE_PREFIX) else None
+    if flite_voice is not None and not flite_available():
+        raise SalmonnError("flite is needed to synthesize speech with its voices; install it (apt-get install flite)")
+    if flite_voice is None and not espeak_available():
         raise SalmonnError("espeak-ng is needed to synthesize speech; install it (apt-get install espeak-ng)")
+    if flite_voice is not None and flite_voice not in flite_voices():  # flite falls back to kal silently
+        raise SalmonnError(f"flite has no voice `{flite_voice}` (installed: {', '.join(flite_voices())})")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.wav"
-        proc = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), text],
-                              capture_output=True, text=True)
+        if flite_voice is not None:
+            cmd = ["flite", "-voice", flite_voice, "--setf", f"duration_stretch={DEFAULT_SPEED / speed:.4f}",
+                   "-t", text, "-o", str(raw)]
+        else:
+            cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), text]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not raw.is_file():
-            raise SalmonnError(f"espeak-ng failed for voice {voice}: {proc.stderr.strip()[:200]}")
+            raise SalmonnError(f"{cmd[0]} failed for voice {voice}: {(proc.stderr or proc.stdout).strip()[:200]}")
         wave, sr = sf.read(str(raw), dtype="float64")
+    if wave.ndim > 1:
+        wave = wave.mean(axis=1)
     if sr != sample_rate:
         import soxr
 
