@@ -24,7 +24,10 @@ def load(path: Path) -> dict | None:
 
 
 def main(results: Path) -> None:
-    recipes = ["reference", "fp32", "fp16", "w8a16", "w4a16", "w4a8", "w4a16-rtn"]
+    order = ["fp32", "fp16", "w8a16", "w8a8", "w4a16", "w4a16-textcalib", "w4a16-rtn", "w4a16-lmhead", "w4a8",
+             "w4a8-lmhead", "w4a8-int8enc"]  # audio GPTQ, text-only GPTQ and RTN side by side
+    found = {p.name[len("verify_demo_"):-len(".json")] for p in results.glob("verify_demo_*.json")}
+    recipes = ["reference"] + [r for r in order if r in found] + sorted(found - set(order) - {"all"})
     print("| recipe | held-out WER % | held-out CIDEr-D | verify | speech cos | 1st-token KL | top-1 | exact | "
           "WER vs ref | CIDEr-D vs ref |")
     print("|---|---|---|---|---|---|---|---|---|---|")
