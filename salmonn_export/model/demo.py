@@ -156,14 +156,18 @@ def ensure_demo_model() -> Path:
     folder = demo_dir()
     if not is_fresh(folder):
         build = materialize_demo(folder.with_name(folder.name + ".building"))
-        audio = build / "audio"
-        audio.mkdir()
-        for name, text, voice, speed in DEMO_SENTENCES:
-            speak(text, audio / name, voice=voice, speed=speed)
-        for i, (name, kind) in enumerate(DEMO_SCENES):
-            wave, _ = scene_event(kind, 3.0, 16000, np.random.default_rng(i))
-            sf.write(str(audio / name), wave, 16000, subtype="PCM_16")
-        (build / "DEMO.json").write_text(json.dumps(_stamp(), indent=1))
+        try:  # the clips need a speech synthesizer: nothing half-made stays in the cache when it is missing
+            audio = build / "audio"
+            audio.mkdir()
+            for name, text, voice, speed in DEMO_SENTENCES:
+                speak(text, audio / name, voice=voice, speed=speed)
+            for i, (name, kind) in enumerate(DEMO_SCENES):
+                wave, _ = scene_event(kind, 3.0, 16000, np.random.default_rng(i))
+                sf.write(str(audio / name), wave, 16000, subtype="PCM_16")
+            (build / "DEMO.json").write_text(json.dumps(_stamp(), indent=1))
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
         if folder.exists():
             shutil.rmtree(folder)
         build.rename(folder)
