@@ -205,3 +205,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return path
+
+
+def cache_root() -> Path:
+    """The user cache folder (demo model, quantization cache): `SALMONN_EXPORT_CACHE`, else the platform's
+    user cache dir. Here, not in model/demo.py, so that finding it imports no torch."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("SALMONN_EXPORT_CACHE") or user_cache_dir("salmonn-export"))

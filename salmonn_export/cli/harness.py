@@ -71,8 +71,8 @@ def eval_cmd(
 
     check_output_file(out_csv, "submission CSV")
     if annotation is None:
+        from salmonn_export.files import cache_root
         from salmonn_export.harness.demo_data import write_demo_data
-        from salmonn_export.model.demo import cache_root
 
         folder = cache_root() / "demo-data"
         if not (folder / "annotation.json").is_file():

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-from platformdirs import user_cache_dir
 from safetensors import safe_open
 
 from salmonn_export import __version__
 from salmonn_export.errors import SalmonnError
-from salmonn_export.files import atomic_dir
+from salmonn_export.files import atomic_dir, cache_root
 from salmonn_export.model.hf_compat import write_for_446
 from salmonn_export.model.qformer import BERT_MAX_POSITIONS
 from salmonn_export.model.synth import scene_event, speak
@@ -39,10 +37,6 @@ DEMO_SENTENCES = [
 ]
 DEMO_SCENES = [("scene_tone.wav", "tone"), ("scene_chirp.wav", "chirp_up")]
 DEMO_MAX_NEW_TOKENS = 64  # transcripts and captions of the demo data are under 30 tokens
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SALMONN_EXPORT_CACHE") or user_cache_dir("salmonn-export"))
 
 
 def _generator_hash() -> str:

@@ -45,7 +45,7 @@ ADDED_SETTINGS = {"source": "audio"}
 def default_cache_dir() -> Path:
     """`quantization/` under the tool's cache folder (`$SALMONN_EXPORT_CACHE`, else the platform's user
     cache folder, ~/.cache/salmonn-export on Linux), beside the materialized demo model."""
-    from salmonn_export.model.demo import cache_root
+    from salmonn_export.files import cache_root
 
     return cache_root() / "quantization"
 
