@@ -116,19 +116,7 @@ def verify(
 
     from salmonn_export.bundle import read_manifest
     from salmonn_export.dataset import choose_data
-    from salmonn_export.harness.parity import (
-        Item,
-        Spill,
-        compare,
-        engine_pass,
-        judge,
-        markdown_report,
-        reference_pass,
-        verify_items,
-    )
     from salmonn_export.model.config import load_config
-    from salmonn_export.model.salmonn import load_salmonn
-    from salmonn_export.runtime.engine import Engine
 
     if report is not None:  # before anything is loaded or run
         check_output_file(report, "report")
@@ -145,6 +133,19 @@ def verify(
     cfg = load_config(config)
     _check_bundle_matches_config(manifest, cfg, bundle)
     source = choose_data(cfg, data, "--data", "verification", audio_root)
+    # torch and the model code load only now: bad arguments above are one line in ~1 s, not ~7 s
+    from salmonn_export.harness.parity import (
+        Item,
+        Spill,
+        compare,
+        engine_pass,
+        judge,
+        markdown_report,
+        reference_pass,
+        verify_items,
+    )
+    from salmonn_export.model.salmonn import load_salmonn
+    from salmonn_export.runtime.engine import Engine
 
     def demo_items():
         from salmonn_export.model.demo import demo_clips
