@@ -30,7 +30,7 @@ def test_demo_without_its_synthesizer_stops_clearly_and_leaves_no_half_made_fold
     import shutil
 
     from salmonn_export.errors import SalmonnError
-    from salmonn_export.model import demo, synth
+    from salmonn_export.model import synth
 
     monkeypatch.setenv("SALMONN_EXPORT_CACHE", str(tmp_path))
     which = shutil.which

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import tempfile
@@ -24,10 +25,11 @@ def flite_available() -> bool:
     return shutil.which("flite") is not None
 
 
-def flite_voices() -> list[str]:
-    """flite's built-in voices (`flite -lv`)."""
+@functools.cache
+def flite_voices() -> tuple[str, ...]:
+    """flite's built-in voices (`flite -lv`), asked once per process (speak checks every voice name)."""
     listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout
-    return listed.split(":", 1)[-1].split()
+    return tuple(listed.split(":", 1)[-1].split())
 
 
 def speak(text: str, out: str | Path, voice: str = "en-us", speed: int = DEFAULT_SPEED, sample_rate: int = 16000,
