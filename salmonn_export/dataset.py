@@ -93,7 +93,9 @@ def read_annotation(path: str | Path, task: str | None = None, audio_root: str |
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SalmonnError(f"annotation is not valid JSON ({exc})", path) from None
+        raise SalmonnError(f"annotation is not valid JSON ({exc}); expected the challenge's "
+                           '{"annotation": [{"testset_id", "path", "task", "text"}, ...]} (CSV or spreadsheet '
+                           "annotations are not read: convert them to that JSON)", path) from None
     if not isinstance(data, dict) or not isinstance(data.get("annotation"), list):
         raise SalmonnError("annotation must be an object with an `annotation` list", path)
     if task is not None and task not in TASK_KEYS:

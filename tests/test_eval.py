@@ -142,3 +142,16 @@ def test_validator_rules(tmp_path):
     write_submission(tmp_path / "ok.csv", [("test0000", ""), ("test0001", "a\rb, \"c\"")])
     assert validate_submission(tmp_path / "ok.csv")["valid"]
     assert read_submission(tmp_path / "ok.csv") == [("test0000", "\u00a0"), ("test0001", "a\rb, \"c\"")]
+
+
+@pytest.mark.parametrize("name,text", [
+    ("ann.csv", "testset_id,path,task,text\ntest0000,a.wav,asr,hello\n"),  # a spreadsheet's CSV export
+    ("ann.tsv", "testset_id\tpath\ttask\ttext\ntest0000\ta.wav\tasr\thello\n"),
+    ("ann.json", ""),  # an empty file
+])
+def test_a_non_json_annotation_names_the_expected_shape(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    shape = r'not valid JSON .*\{"annotation": \[\{"testset_id", "path", "task", "text"\}'
+    with pytest.raises(SalmonnError, match=shape) as info:
+        read_annotation(tmp_path / name, "asr")
+    assert "CSV or spreadsheet annotations are not read" in str(info.value) and name in str(info.value)
