@@ -372,3 +372,29 @@ def test_stderr_lines_do_not_wrap_in_a_pipe(tmp_path, args, needle):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if needle in line]
     assert lines and all(str(long_path) in line for line in lines), proc.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "--model", "{cfg}", "clip.wav"],
+                                     ["build", "--model", "{cfg}", "--recipe", "w4a16", "--out", "{tmp}/bundle"],
+                                     ["eval", "--model", "{cfg}", "--annotation", "{tmp}/ann.json", "--out",
+                                      "{tmp}/sub.csv"]])
+@pytest.mark.parametrize("config_kind", ["missing", "malformed", "folder"])
+def test_a_bad_config_is_refused_before_torch_loads(tmp_path, command, config_kind):
+    """A mistyped or broken --model config is one line, exit 2, in about a second: the commands that
+    load a model check the config before importing torch (~6 s), and nothing is written."""
+    cfg = tmp_path / "config.yaml"
+    if config_kind == "malformed":
+        cfg.write_text("model: [\n")
+    elif config_kind == "folder":
+        cfg.mkdir()
+    (tmp_path / "ann.json").write_text('{"annotation": []}')
+    args = [a.format(cfg=cfg, tmp=tmp_path) for a in command]
+    code = ("import sys\nfrom salmonn_export.cli import app\nsys.argv = ['salmonn-export', *sys.argv[1:]]\n"
+            "try:\n    app()\nfinally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', "
+            "file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1] == "no torch", proc.stderr
+    assert len(lines) == 2 and lines[0].startswith(f"error: {cfg}"), proc.stderr
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "sub.csv").exists()

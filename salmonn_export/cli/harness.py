@@ -70,6 +70,10 @@ def eval_cmd(
     from salmonn_export.files import check_output_file
 
     check_output_file(out_csv, "submission CSV")
+    if model is not None:
+        from salmonn_export.model.config import load_config
+
+        load_config(model)  # a missing or malformed config is one line before torch is imported (~6 s)
     if annotation is None:
         from salmonn_export.files import cache_root
         from salmonn_export.harness.demo_data import write_demo_data
