@@ -1,6 +1,8 @@
 """Loading is strict: every tensor lands, nothing is missing, shapes match, bad files say so."""
 
+import re
 import shutil
+from fractions import Fraction
 
 import pytest
 import torch
@@ -64,11 +66,45 @@ def test_wrong_shape_is_named(tiny_copy):
         load_salmonn(tiny_copy / "config.yaml")
 
 
-def test_truncated_pth(tiny_copy):
-    path = tiny_copy / "checkpoint_best.pth"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(SalmonnError, match="checkpoint_best.pth: not a readable training checkpoint"):
-        load_salmonn(tiny_copy / "config.yaml")
+NOT_TORCH = r"not a torch checkpoint \(a zip/pickle file written by torch.save\)$"
+BAD_CHECKPOINTS = {  # what is written where a checkpoint belongs -> the end of the message
+    "yaml": (lambda real: b"model:\n  ckpt: checkpoint_best.pth\n", r": a text file, " + NOT_TORCH),
+    "json": (lambda real: b'{"model": {"ckpt": "checkpoint_best.pth"}}', r": a text file, " + NOT_TORCH),
+    "empty": (lambda real: b"", r": an empty file, " + NOT_TORCH),
+    "truncated": (lambda real: real[: len(real) // 2], r": truncated or damaged \(its zip archive is incomplete\)$"),
+    "binary": (lambda real: bytes(range(256)), r": " + NOT_TORCH),
+}
+
+
+def _check_bad_checkpoint(path, kind, what, load):
+    """One complete line naming the file and what it is, never torch's weights_only advice."""
+    make, ending = BAD_CHECKPOINTS[kind]
+    path.write_bytes(make(path.read_bytes()))
+    with pytest.raises(SalmonnError) as err:
+        load()
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a readable {what}: "), message
+    assert re.search(ending, message), message
+    assert "\n" not in message and "weights_only" not in message and "PyTorch" not in message
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
+def test_bad_training_checkpoint_says_what_the_file_is(tiny_copy, kind):
+    _check_bad_checkpoint(tiny_copy / "checkpoint_best.pth", kind, "training checkpoint",
+                          lambda: load_salmonn(tiny_copy / "config.yaml"))
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
+def test_bad_beats_checkpoint_says_what_the_file_is(tiny_copy, kind):
+    _check_bad_checkpoint(tiny_copy / "beats.pt", kind, "BEATs checkpoint", lambda: load_beats(tiny_copy / "beats.pt"))
+
+
+def test_checkpoint_with_python_objects_names_the_type(tiny_copy):
+    """A real torch.save file that weights_only loading refuses: the offending type is named."""
+    torch.save({"cfg": Fraction(1, 3), "model": {}}, tiny_copy / "beats.pt")
+    with pytest.raises(SalmonnError, match=r"beats.pt: not a readable BEATs checkpoint: it holds a Python object "
+                                           r"\(fractions.Fraction\) that torch.load\(weights_only=True\) refuses$"):
+        load_beats(tiny_copy / "beats.pt")
 
 
 def test_non_checkpoint_pth(tiny_copy):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,17 +14,42 @@ from safetensors.torch import load_file
 
 from salmonn_export.errors import SalmonnError
 
+NOT_TORCH = "not a torch checkpoint (a zip/pickle file written by torch.save)"
+
 
 def torch_load(path: str | Path, what: str) -> Any:
-    """`torch.load(weights_only=True)` as the challenge does, with one-line errors."""
+    """`torch.load(weights_only=True)` as the challenge does, with one-line errors.
+
+    Any failure is reported from what the file is (empty, text, cut zip, ...): torch's own messages
+    are long advice about `weights_only` that does not help and used to be cut mid-sentence.
+    """
     path = Path(path)
     if not path.is_file():
         raise SalmonnError(f"{what} not found", path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SalmonnError(f"not a readable {what} (truncated or not a torch checkpoint: {detail[:160]})", path) from None
+    except Exception as exc:  # garbage input makes torch raise many kinds (EOF, Index, Runtime...)
+        raise SalmonnError(f"not a readable {what}: {_unreadable_reason(path, exc)}", path) from None
+
+
+def _unreadable_reason(path: Path, exc: Exception) -> str:
+    """Why torch could not load `path`, in one complete, short sentence."""
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head:
+        return f"an empty file, {NOT_TORCH}"
+    blocked = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+    if blocked and not blocked.group(1).startswith("torch."):
+        return f"it holds a Python object ({blocked.group(1)}) that torch.load(weights_only=True) refuses"
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return "truncated or damaged (its zip archive is incomplete)"
+        return "damaged, or a zip archive that torch.save did not write"
+    if head[0] == 0x80:
+        return "truncated or damaged, or a pickle file that torch.save did not write"
+    if b"\0" not in head:  # YAML, JSON, CSV...: a config given where the checkpoint belongs
+        return f"a text file, {NOT_TORCH}"
+    return NOT_TORCH
 
 
 def read_hf_state_dict(folder: str | Path, what: str) -> dict[str, torch.Tensor]:
