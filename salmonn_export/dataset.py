@@ -79,6 +79,29 @@ def _unknown_task(i: int, item: dict, known: Collection[str], path: Path) -> Sal
                         "challenge's prompt keys: asr, audiocaption_v2, ...", path)
 
 
+_REQUIRED = object()
+
+
+def _string_field(item: dict, i: int, key: str, path: Path, default: object = _REQUIRED) -> str | None:
+    """Item `i`'s string `key`. A key that is there with another type (`"testset_id": 5`) says so
+    with the value: reporting it as missing sends the user looking for a key they can see.
+    Without `default` the key is required and not empty; with `default=None` a JSON null is allowed."""
+    if key not in item:
+        if default is _REQUIRED:
+            raise SalmonnError(f"annotation item {i} lacks `{key}`", path)
+        return default  # type: ignore[return-value]
+    value = item[key]
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str):
+        shown = json.dumps(value)
+        got = "null" if value is None else f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+        raise SalmonnError(f"annotation item {i}: `{key}` must be a string (got {got})", path)
+    if not value and default is _REQUIRED:
+        raise SalmonnError(f"annotation item {i}: `{key}` is empty", path)
+    return value
+
+
 def read_annotation(path: str | Path, task: str | None = None, audio_root: str | Path | None = None,
                     known_tasks: Collection[str] | None = None) -> list[Example]:
     """Parse and check an annotation file; with `task` (asr | aac), keep that task's items.
@@ -106,27 +129,21 @@ def read_annotation(path: str | Path, task: str | None = None, audio_root: str |
     for i, item in enumerate(data["annotation"]):
         if not isinstance(item, dict):
             raise SalmonnError(f"annotation item {i} is not an object", path)
-        for key in ("testset_id", "path"):
-            if not isinstance(item.get(key), str) or not item[key]:
-                raise SalmonnError(f"annotation item {i} lacks `{key}`", path)
-        item_task = item.get("task", "asr")
-        if not isinstance(item_task, str):
-            raise SalmonnError(f"annotation item {i}: `task` must be a string", path)
+        testset_id, item_path = (_string_field(item, i, key, path) for key in ("testset_id", "path"))
+        item_task = _string_field(item, i, "task", path, default="asr")
+        text, question = (_string_field(item, i, key, path, default=None) for key in ("text", "Q"))
         if item_task not in known:
             raise _unknown_task(i, {**item, "task": item_task}, known, path)
         if wanted and item_task != wanted:
             continue
-        if item["testset_id"] in seen:
-            raise SalmonnError(f"duplicate testset_id `{item['testset_id']}`", path)
-        seen.add(item["testset_id"])
+        if testset_id in seen:
+            raise SalmonnError(f"duplicate testset_id `{testset_id}`", path)
+        seen.add(testset_id)
         if audio_root is not None:
-            audio = Path(f"{audio_root}/{item['path']}")
+            audio = Path(f"{audio_root}/{item_path}")
         else:
-            audio = Path(item["path"]) if Path(item["path"]).is_absolute() else path.parent / item["path"]
-        text = item.get("text")
-        if text is not None and not isinstance(text, str):
-            raise SalmonnError(f"annotation item {i}: `text` must be a string", path)
-        out.append(Example(item["testset_id"], audio, item_task, text, item.get("Q")))
+            audio = Path(item_path) if Path(item_path).is_absolute() else path.parent / item_path
+        out.append(Example(testset_id, audio, item_task, text, question))
     if task and not out:
         raise SalmonnError(f"no items with task `{wanted}` in this annotation", path)
     if not out:  # build would calibrate on nothing, verify average nothing

@@ -155,3 +155,28 @@ def test_a_non_json_annotation_names_the_expected_shape(tmp_path, name, text):
     with pytest.raises(SalmonnError, match=shape) as info:
         read_annotation(tmp_path / name, "asr")
     assert "CSV or spreadsheet annotations are not read" in str(info.value) and name in str(info.value)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"testset_id": 5}, r"annotation item 0: `testset_id` must be a string \(got int 5\)$"),
+    ({"path": ["a.wav"]}, r'annotation item 0: `path` must be a string \(got list \["a.wav"\]\)$'),
+    ({"path": None}, r"annotation item 0: `path` must be a string \(got null\)$"),
+    ({"path": 3}, r"annotation item 0: `path` must be a string \(got int 3\)$"),
+    ({"task": True}, r"annotation item 0: `task` must be a string \(got bool true\)$"),
+    ({"text": {"en": "hi"}}, r'annotation item 0: `text` must be a string \(got dict \{"en": "hi"\}\)$'),
+    ({"Q": 1.5}, r"annotation item 0: `Q` must be a string \(got float 1.5\)$"),
+    ({"path": ""}, r"annotation item 0: `path` is empty$"),
+])
+def test_a_present_key_of_the_wrong_type_is_named_not_called_missing(tmp_path, fields, message):
+    item = {"testset_id": "test0000", "path": "a.wav", "task": "asr", "text": "hi", **fields}
+    (tmp_path / "ann.json").write_text(json.dumps({"annotation": [item]}))
+    with pytest.raises(SalmonnError, match=r"ann.json: " + message):
+        read_annotation(tmp_path / "ann.json", "asr")
+
+
+def test_null_text_and_question_are_allowed(tmp_path):
+    """Optional fields written as null (a test set without references) read as absent."""
+    item = {"testset_id": "test0000", "path": "a.wav", "task": "asr", "text": None, "Q": None}
+    (tmp_path / "ann.json").write_text(json.dumps({"annotation": [item]}))
+    [example] = read_annotation(tmp_path / "ann.json", "asr")
+    assert example.text is None and example.question is None and example.task == "asr"
