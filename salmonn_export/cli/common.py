@@ -44,6 +44,25 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _untyped_flags(params: list) -> list:
+    """typer 0.29 labels every on/off flag `<bool>` in --help, as if it took a value (`--json true`
+    is then refused as an extra argument); an empty metavar shows the flag alone, as click does."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
 class SalmonnTyper(typer.Typer):
     """The app's entry point: usage errors (an option out of its range, a bad value, an unknown
     option) print one line `error: ...` with exit 2 instead of a boxed usage screen, and SIGTERM
@@ -84,6 +103,9 @@ class SalmonnTyper(typer.Typer):
             code = 143
         sys.exit(code if isinstance(code, int) else 0)
 
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
 
 app = SalmonnTyper(
     name="salmonn-export",
@@ -92,6 +114,7 @@ app = SalmonnTyper(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 # soft_wrap: lines piped to a file stay whole (rich wraps at 80 columns without a terminal)
 out = Console(soft_wrap=True)
@@ -213,24 +236,29 @@ def model_config(model: Path | None) -> Path:
         return ensure_demo_model()
 
 
+def check_audio_files(paths: list[Path]) -> None:
+    """Every file is checked before any model loads (minutes at real size): a mistyped name or a
+    text file named .wav is one error line at once, not after earlier files' results. A folder or a
+    missing file: `audio file not found` / `is a folder`, as load_clip says; a header soundfile
+    cannot read: load_clip's own `unreadable audio` line (with a conversion hint for .m4a)."""
+    import soundfile as sf
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise SalmonnError("audio file not found" if not Path(path).is_dir() else
+                               "is a folder; give audio files", path)
+        try:  # the header only (~0.1 ms a file)
+            sf.info(str(path))
+        except Exception:
+            from salmonn_export.audio import load_clip
+
+            load_clip(path)  # raises the loader's own one-line error
+
+
 def audio_or_demo(audio: list[Path] | None, task: str, explicit: bool, what: str) -> list[Path]:
-    """The given files, or the demo clips when running the demo default. Every given path is checked
-    before any model loads: a mistyped name is one error line at once, not after a minute of loading
-    or after earlier files' results (a folder or missing file: `audio file not found`, as load_clip says;
-    a file whose header soundfile cannot read: load_clip's `unreadable audio` line)."""
+    """The given files (checked by `check_audio_files`), or the demo clips when running the demo default."""
     if audio:
-        import soundfile as sf
-
-        for path in audio:
-            if not Path(path).is_file():
-                raise SalmonnError("audio file not found" if not Path(path).is_dir() else
-                                   "is a folder; give audio files", path)
-            try:  # the header only: a text file named .wav stops the run before any result, not midway
-                sf.info(str(path))
-            except Exception:
-                from salmonn_export.audio import load_clip
-
-                load_clip(path)  # raises the loader's own one-line error (with a conversion hint for .m4a)
+        check_audio_files(audio)
         return audio
     if explicit:
         raise SalmonnError(f"give audio files (demo clips exist only for the demo {what})")

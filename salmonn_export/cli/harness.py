@@ -18,6 +18,7 @@ from salmonn_export.cli.common import (
     TaskOpt,
     app,
     bounded,
+    check_audio_files,
     engine_path,
     err,
     handle_errors,
@@ -54,6 +55,12 @@ def eval_cmd(
 ):
     """Run an engine (or the reference) over a test set into a submission CSV, scored when references exist.
 
+    What runs: --engine BUNDLE, or --model CONFIG (the PyTorch reference), else the demo's w4a16
+    bundle. On what: --annotation, else the test set of the model's config (`datasets.test_ann_path`;
+    with --engine, the config the bundle was built from), else, for the demo, its test set. Every
+    audio file is checked before the model loads. The CSV holds the --task items only; beside it
+    go OUT.score.json (the score and every item's errors) and, while running, OUT.partial.jsonl.
+
     Resumable: rerun the same command after an interruption. With --ray the same batches run on a
     Ray cluster and the CSV is identical.
 
@@ -62,7 +69,7 @@ def eval_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from salmonn_export.dataset import read_annotation
-    from salmonn_export.harness.evaluate import EvalOptions, parse_shard, run_eval
+    from salmonn_export.harness.evaluate import EvalOptions, parse_shard, run_eval, select_examples
 
     if engine is not None and model is not None:
         raise SalmonnError("give --engine or --model, not both")
@@ -73,7 +80,11 @@ def eval_cmd(
     if model is not None:
         from salmonn_export.model.config import load_config
 
-        load_config(model)  # a missing or malformed config is one line before torch is imported (~6 s)
+        model_cfg = load_config(model)  # a missing or malformed config is one line before torch is imported (~6 s)
+    if annotation is None and audio_root is not None:
+        raise SalmonnError("--audio-root goes with --annotation (a config's own test set uses `datasets.prefix`)")
+    if annotation is None and (model is not None or engine is not None):
+        annotation, audio_root = _config_test_set(model_cfg if model is not None else None, engine)
     if annotation is None:
         from salmonn_export.files import cache_root
         from salmonn_export.harness.demo_data import write_demo_data
@@ -84,6 +95,15 @@ def eval_cmd(
                 write_demo_data(folder, force=True)
         annotation = folder / "annotation.json"
     examples = read_annotation(annotation, task, audio_root)
+    options = EvalOptions(out=out_csv, task=task, batch_size=batch_size, shard=shard_range,
+                          skip_bad_audio=skip_bad_audio, limit=limit)
+    if not skip_bad_audio:
+        try:
+            check_audio_files([e.audio for e in select_examples(examples, options)])
+        except SalmonnError as exc:
+            raise SalmonnError(f"{exc.problem} (named by {annotation}; --skip-bad-audio lists such files as skipped)",
+                               exc.path) from None
+    err.print(f"eval {task}: {annotation} on {model or engine or 'the demo w4a16 bundle'}", highlight=False)
     if model is not None:
         from salmonn_export.model.salmonn import load_salmonn
 
@@ -110,8 +130,6 @@ def eval_cmd(
         from salmonn_export.serve.ray_backend import ray_batch_runner
 
         runner = ray_batch_runner(Path(bundle), device, skip_bad_audio, ray_actors, ray_address)
-    options = EvalOptions(out=out_csv, task=task, batch_size=batch_size, shard=shard_range,
-                          skip_bad_audio=skip_bad_audio, limit=limit)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[score]}"), console=err, transient=as_json) as progress:
         tid = progress.add_task(f"eval {task}", total=None, score="")
@@ -120,7 +138,13 @@ def eval_cmd(
             label = ", ".join(f"{k} {v:.4g}" for k, v in (running or {}).items())
             progress.update(tid, completed=done, total=total, score=label)
 
-        summary = run_eval(backend, backend_id, examples, options, restart=restart, progress=on_progress, runner=runner)
+        try:
+            summary = run_eval(backend, backend_id, examples, options, restart=restart, progress=on_progress,
+                               runner=runner)
+        except KeyboardInterrupt:
+            err.print(f"finished items are kept in {out_csv}.partial.jsonl: rerun the same command to resume",
+                      highlight=False, soft_wrap=True)
+            raise
     if as_json:
         print(json.dumps(summary, indent=1, ensure_ascii=False))
         return
@@ -135,8 +159,38 @@ def eval_cmd(
                   soft_wrap=True)
     if "score" in summary:
         print_score(task, summary["score"])
+        if summary["skipped"]:
+            err.print(f"warning: the score covers the {summary['rows']} items written; the CSV lacks the "
+                      f"{len(summary['skipped'])} skipped ones, so it is not a complete submission", highlight=False)
+        if summary["unreferenced_items"]:
+            err.print(f"warning: {summary['unreferenced_items']} items have no reference text and are not scored",
+                      highlight=False)
     if "score_error" in summary:
         err.print(f"warning: not scored: {summary['score_error']}", highlight=False)
+
+
+def _config_test_set(cfg, engine: Path | None) -> tuple[Path | None, Path | None]:
+    """The test annotation (and audio root, `datasets.prefix`) of --model's config, or of the config the
+    --engine bundle was built from; (None, None) for the demo model, whose test set `demo-data` writes.
+    Raises SalmonnError naming the config when it names no test set."""
+    from salmonn_export.files import cache_root
+    from salmonn_export.model.config import load_config
+
+    if cfg is None:
+        from salmonn_export.bundle import read_manifest
+
+        source = Path(read_manifest(engine_path(engine))["source"]["config"])
+        if not source.is_file():
+            raise SalmonnError("the bundle's source config is gone, so its test set is unknown; pass --annotation",
+                               source)
+        cfg = load_config(source)
+    if cfg.path is not None and cfg.path.resolve() == (cache_root() / "demo-model" / "config.yaml").resolve():
+        return None, None  # model.demo.demo_dir(), without importing torch
+    value = (cfg.datasets or {}).get("test_ann_path")
+    if not value:
+        raise SalmonnError("no test set: the config's `datasets:` names no test_ann_path; pass --annotation", cfg.path)
+    prefix = (cfg.datasets or {}).get("prefix")
+    return cfg.resolve(str(value)), cfg.resolve(str(prefix)) if prefix else None
 
 
 def print_score(task: str, result: dict) -> None:

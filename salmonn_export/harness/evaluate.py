@@ -66,6 +66,12 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return (i, n)
 
 
+def select_examples(examples: list[Example], options: EvalOptions) -> list[Example]:
+    """The items this run does: its shard (`shard_slice`), then the first `limit` of it."""
+    examples = shard_slice(examples, options.shard)
+    return examples if options.limit is None else examples[: options.limit]
+
+
 def _identity(backend_id: str, examples: list[Example], options: EvalOptions) -> dict:
     h = hashlib.sha256()
     for e in examples:
@@ -135,17 +141,27 @@ def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], 
     from salmonn_export.files import check_output_file
 
     check_output_file(options.out, "submission CSV")  # before any work: no partial results beside a bad --out
-    examples = shard_slice(examples, options.shard)
-    if options.limit is not None:
-        examples = examples[: options.limit]
+    examples = select_examples(examples, options)
     partial = options.out.with_name(options.out.name + ".partial.jsonl")
     identity = _identity(backend_id, examples, options)
     if restart and partial.exists():
         partial.unlink()
     done = _read_partial(partial, identity)
-    if not partial.exists():
+    created = not partial.exists()
+    if created:
         options.out.parent.mkdir(parents=True, exist_ok=True)
         _append(partial, [{"meta": identity}])
+    try:
+        return _run(backend, backend_id, examples, options, partial, done, progress, runner)
+    except SalmonnError:
+        if created and len(partial.read_text(encoding="utf-8").splitlines()) == 1:
+            partial.unlink()  # nothing finished: no partial file that would refuse the corrected annotation
+        raise
+
+
+def _run(backend: Backend | None, backend_id: str, examples: list[Example], options: EvalOptions, partial: Path,
+         done: dict[str, dict], progress, runner: BatchRunner | None) -> dict:
+    """run_eval's work once its partial file is in place: the batches not done, the CSV, the score."""
     todo = [e for e in examples if e.testset_id not in done]
     resumed = len(examples) - len(todo)
     if progress:
@@ -179,6 +195,7 @@ def run_eval(backend: Backend | None, backend_id: str, examples: list[Example], 
     # scored from the CSV just written, through the same checks and metric as `score`
     written = [e for e in examples if "text" in done[e.testset_id]]
     with_refs = [e for e in written if e.text is not None]
+    summary["unreferenced_items"] = len(written) - len(with_refs)  # rows with no reference text: not scored
     if with_refs and (options.task == "asr" or len(with_refs) >= 2):
         try:
             result = score_submission(options.out, written, options.task, require_references=False)
