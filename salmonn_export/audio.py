@@ -132,9 +132,12 @@ def _decode(source, name: str | Path) -> AudioClip:
 def load_clip(path: str | Path) -> AudioClip:
     """Load one clip as the challenge does (see the module docstring), decoding at most ~31 s.
 
-    Raises SalmonnError naming the file when it is missing, unreadable, empty or has NaN/±inf samples
-    or samples of magnitude above `MAX_ABS_SAMPLE`."""
+    Raises SalmonnError naming the file when it is missing, a folder (an annotation path `.` or a
+    prefix with no file name: "not found" would hide that it exists), unreadable, empty or has
+    NaN/±inf samples or samples of magnitude above `MAX_ABS_SAMPLE`."""
     path = Path(path)
+    if path.is_dir():
+        raise SalmonnError("is a folder, not an audio file", path)
     if not path.is_file():
         raise SalmonnError("audio file not found", path)
     return _decode(str(path), path)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from salmonn_export.audio import MAX_SAMPLES, load_audio, resample
+from salmonn_export.audio import MAX_SAMPLES, load_audio, load_clip, resample
 from salmonn_export.errors import SalmonnError
 
 
@@ -37,3 +37,16 @@ def test_unreadable_and_missing_audio_name_the_file(audio_dir, tmp_path):
         load_audio(audio_dir / "broken.wav")
     with pytest.raises(SalmonnError, match="nothere.wav: audio file not found"):
         load_audio(tmp_path / "nothere.wav")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("clips", "is a folder, not an audio file"),  # a folder named where a clip belongs
+    ("clips/.", "is a folder, not an audio file"),  # an annotation path `.`
+    ("nothere.wav", "audio file not found"),
+    ("clips/nothere.wav", "audio file not found"),
+])
+def test_a_folder_is_not_called_missing(tmp_path, name, message):
+    (tmp_path / "clips").mkdir()
+    with pytest.raises(SalmonnError) as info:
+        load_clip(tmp_path / name)
+    assert info.value.problem == message and info.value.path == str(tmp_path / name)

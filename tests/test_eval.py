@@ -180,3 +180,18 @@ def test_null_text_and_question_are_allowed(tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps({"annotation": [item]}))
     [example] = read_annotation(tmp_path / "ann.json", "asr")
     assert example.text is None and example.question is None and example.task == "asr"
+
+
+def test_an_annotation_path_naming_a_folder_says_so(tmp_path):
+    """`"path": "."` (the annotation's own folder) is a folder, not a missing file, as an error and as a skip."""
+    ann = json.loads(_annotation(tmp_path).read_text())
+    ann["annotation"][1]["path"] = "."
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    examples = read_annotation(tmp_path / "ann.json", "asr")
+    with pytest.raises(SalmonnError) as info:
+        run_eval(_backend([]), "fake", examples, EvalOptions(out=tmp_path / "a.csv", task="asr"))
+    assert str(info.value) == f"{tmp_path}: is a folder, not an audio file"
+    summary = run_eval(_backend([]), "fake", examples, EvalOptions(out=tmp_path / "b.csv", task="asr", skip_bad_audio=True),
+                       restart=True)
+    [skip] = summary["skipped"]
+    assert skip["testset_id"] == "test0001" and "is a folder, not an audio file" in skip.values()
