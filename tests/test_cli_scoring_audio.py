@@ -77,3 +77,24 @@ def test_generate_refuses_non_finite_audio_and_warns_about_dropped_audio(tmp_pat
     assert [r["dropped_seconds"] for r in json.loads(proc.stdout)["results"]] == [5.0, 0.0]
     assert f"warning: {tmp_path / 'long.wav'}: 35.0 s of audio; only the first 30 s are used (5.0 s dropped" in proc.stderr
     assert "short.wav" not in proc.stderr
+
+
+def test_a_missing_or_folder_submission_is_one_error_line_exit_2_for_validate_and_score(tmp_path):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"annotation": [{"testset_id": "test0000", "path": "a.wav", "task": "asr", "text": "hi"}]}))
+    (tmp_path / "folder.csv").mkdir()
+    for name, problem in (("nothere.csv", "submission file not found"), ("folder.csv", "is a folder, not a submission CSV")):
+        for args in (("validate-submission", tmp_path / name), ("score", "--submission", tmp_path / name, "--annotation", ann)):
+            proc = cli(*args)
+            _one_error_line(proc, f"error: {tmp_path / name}: {problem}")
+            assert proc.stdout == ""
+
+
+def test_a_semicolon_csv_gets_the_separator_hint_from_both_commands(tmp_path):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"annotation": [{"testset_id": "test0000", "path": "a.wav", "task": "asr", "text": "hi"}]}))
+    (tmp_path / "semi.csv").write_text("testset_id;text\ntest0000;hi\n")
+    hint = "the file seems to use ';' as separator; the challenge reads comma-separated CSV"
+    _one_error_line(cli("score", "--submission", tmp_path / "semi.csv", "--annotation", ann), hint)
+    report = cli("validate-submission", tmp_path / "semi.csv")
+    assert report.returncode == 1 and hint in report.stdout

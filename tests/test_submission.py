@@ -226,3 +226,51 @@ def test_every_field_pandas_reads_as_non_string_is_padded_by_the_writer():
             non_strings += 1
             assert safe_text(text) != text, (text, value)
     assert non_strings > 50
+
+
+HINT = "the challenge reads comma-separated CSV"
+
+
+@pytest.mark.parametrize("name,data,problem", [
+    ("semi.csv", b"testset_id;text\ntest0000;hello\n",
+     "columns must be exactly testset_id,text (got ['testset_id;text']); the file seems to use ';' as separator; " + HINT),
+    ("tab.csv", b"testset_id\ttext\ntest0000\thello\n",
+     "columns must be exactly testset_id,text (got ['testset_id\\ttext']); the file seems to use tab as separator; " + HINT),
+    ("bom_semi.csv", b"\xef\xbb\xbftestset_id;text\r\ntest0000;hello\r\n",  # a spreadsheet's "CSV UTF-8"
+     "columns must be exactly testset_id,text (got ['testset_id;text']); the file seems to use ';' as separator; " + HINT),
+    ("semi_commas.csv", b"testset_id;text\ntest0000;hi\ntest0001;a, b\n",  # a comma in a text: a field-count error
+     "pandas cannot read this CSV (Expected 1 fields in line 3, saw 2); the file seems to use ';' as separator; " + HINT),
+    ("semi.csv.gz", None,
+     "columns must be exactly testset_id,text (got ['testset_id;text']); the file seems to use ';' as separator; " + HINT),
+])
+def test_a_semicolon_or_tab_separated_file_gets_a_separator_hint(tmp_path, name, data, problem):
+    import gzip
+
+    path = tmp_path / name
+    path.write_bytes(data if data is not None else gzip.compress(b"testset_id;text\ntest0000;hello\n"))
+    assert validate_submission(path) == {"valid": False, "rows": 0, "problems": [problem]}
+    with pytest.raises(SalmonnError) as info:
+        read_submission(path)
+    assert str(info.value) == f"{path}: {problem}"
+
+
+@pytest.mark.parametrize("header", [b"id,text", b"testset_id;text,extra", b"testset_id"])
+def test_no_separator_hint_when_the_header_is_comma_separated_or_has_no_separator(tmp_path, header):
+    (tmp_path / "s.csv").write_bytes(header + b"\ntest0000,hello\n")
+    [problem] = validate_submission(tmp_path / "s.csv")["problems"]
+    assert "separator" not in problem
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda p: None, "submission file not found"),
+    (lambda p: p.mkdir(), "is a folder, not a submission CSV"),
+])
+def test_a_missing_or_folder_submission_is_an_error_not_an_invalid_report(tmp_path, make, problem):
+    """No file to report on: validate_submission raises like read_submission and scoring do."""
+    path = tmp_path / "sub.csv"
+    make(path)
+    for check in (validate_submission, read_submission,
+                  lambda p: score_submission(p, _examples(1), "asr")):
+        with pytest.raises(SalmonnError) as info:
+            check(path)
+        assert str(info.value) == f"{path}: {problem}"

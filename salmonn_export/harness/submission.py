@@ -240,11 +240,24 @@ def _read_both(path: Path) -> tuple[list[tuple[str, str]], list]:
         raise SalmonnError("submission is empty (no header line)", path) from None
     except (pd.errors.ParserError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0].replace("Error tokenizing data. C error: ", "")
-        raise SalmonnError(f"pandas cannot read this CSV ({message})", path) from None
+        raise SalmonnError(f"pandas cannot read this CSV ({message}){_separator_hint(path)}", path) from None
     if list(raw.columns) != COLUMNS:
-        raise SalmonnError(f"columns must be exactly testset_id,text (got {list(map(str, raw.columns))!r})", path)
+        raise SalmonnError(f"columns must be exactly testset_id,text (got {list(map(str, raw.columns))!r})"
+                           f"{_separator_hint(path)}", path)
     rows = [(str(t), str(x)) for t, x in zip(raw["testset_id"], raw["text"])]
     return rows, list(challenge["text"])
+
+
+def _separator_hint(path: Path) -> str:
+    """A hint when the header line has no comma but a `;` or a tab (a spreadsheet saving "CSV" in its
+    locale's separator): otherwise the error shows only one odd column name or a field-count error."""
+    header = _decompressed(path).split(b"\n", 1)[0].decode("utf-8", "replace")
+    if "," in header:
+        return ""
+    for sep, name in ((";", "';'"), ("\t", "tab")):
+        if sep in header:
+            return f"; the file seems to use {name} as separator; the challenge reads comma-separated CSV"
+    return ""
 
 
 def read_submission(path: str | Path) -> list[tuple[str, str]]:
@@ -256,12 +269,19 @@ def read_submission(path: str | Path) -> list[tuple[str, str]]:
     return _load(path)[0]
 
 
-def _load(path: str | Path) -> tuple[list[tuple[str, str]], list]:
+def _existing(path: str | Path) -> Path:
+    """`path` when it is a file; a folder or missing file is a SalmonnError even for
+    `validate_submission`, which reports a file's problems but has no file to report on then."""
     path = Path(path)
     if path.is_dir():
         raise SalmonnError("is a folder, not a submission CSV", path)
     if not path.is_file():
         raise SalmonnError("submission file not found", path)
+    return path
+
+
+def _load(path: str | Path) -> tuple[list[tuple[str, str]], list]:
+    path = _existing(path)
     _check_utf8(path)
     return _read_both(path)
 
@@ -302,7 +322,8 @@ def submission_problems(rows: list[tuple[str, str]], challenge_texts: list, anno
 
 def validate_submission(path: str | Path, annotation: list[Example] | None = None) -> dict:
     """`{"valid", "rows", "problems"}`: `submission_problems` of a file; a file that cannot be read at all
-    is invalid with that one problem."""
+    is invalid with that one problem. Raises SalmonnError when there is no file (missing or a folder)."""
+    path = _existing(path)
     try:
         rows, challenge_texts = _load(path)
     except SalmonnError as exc:
