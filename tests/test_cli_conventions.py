@@ -398,3 +398,38 @@ def test_a_bad_config_is_refused_before_torch_loads(tmp_path, command, config_ki
     assert proc.returncode == 2 and lines[-1] == "no torch", proc.stderr
     assert len(lines) == 2 and lines[0].startswith(f"error: {cfg}"), proc.stderr
     assert not (tmp_path / "bundle").exists() and not (tmp_path / "sub.csv").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "build", "eval"])
+@pytest.mark.parametrize("field, value, problem", [
+    ("ckpt", "missing.pth", "file not found"),
+    ("ckpt", "llm", "is a folder, not a file"),
+    ("beats_path", "nosuch/beats.pt", "file not found"),
+    ("llama_path", "Llama-3.2-3B-Instruct", "LLM folder not found (no model hub access"),
+    ("whisper_path", "config.yaml", "Whisper folder is a file, not a folder"),
+])
+def test_a_file_the_config_names_is_checked_before_anything_loads(tmp_path, challenge_fixture, command, field, value,
+                                                                   problem):
+    """At real size Whisper and the LLM load for minutes: a mistyped `ckpt:` (or a hub id where a local
+    folder must be) is one line naming the path and the field, before torch is imported."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for entry in challenge_fixture.iterdir():
+        if entry.name != "config.yaml":
+            (model / entry.name).symlink_to(entry)
+    cfg = yaml.safe_load((challenge_fixture / "config.yaml").read_text())
+    cfg["model"][field] = value
+    (model / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = {"generate": ["generate", "--model", model / "config.yaml", challenge_fixture / "audio" / "a.wav"],
+            "build": ["build", "--model", model / "config.yaml", "--out", tmp_path / "bundle"],
+            "eval": ["eval", "--model", model / "config.yaml", "--out", tmp_path / "sub.csv"]}[command]
+    code = ("import sys\nfrom salmonn_export.cli import app\nsys.argv = ['salmonn-export', *sys.argv[1:]]\n"
+            "try:\n    app()\nfinally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', "
+            "file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1] == "no torch", proc.stderr
+    assert len(lines) == 2 and lines[0].startswith(f"error: {model / value}: {problem}"), proc.stderr
+    assert lines[0].endswith(f"`model.{field}` of {model / 'config.yaml'}")
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "sub.csv").exists()

@@ -100,9 +100,9 @@ def build(
         raise SalmonnError("--trt builds TensorRT engines from ONNX graphs; --target torch has none")
     rec = load_recipe(recipe)
     config = model_config(model)
-    from salmonn_export.model.config import load_config
+    from salmonn_export.model.config import check_model_files, load_config
 
-    load_config(config)  # a missing or malformed config is one line before torch is imported (~5 s)
+    check_model_files(load_config(config))  # a missing or malformed config is one line before torch is imported (~5 s)
     if out_dir is None:
         stem = "demo" if model is None else config.resolve().parent.name
         out_dir = Path("engines") / f"{stem}-{rec.name}{'-torch' if target == 'torch' else ''}"

@@ -116,7 +116,7 @@ def verify(
 
     from salmonn_export.bundle import read_manifest
     from salmonn_export.dataset import choose_data
-    from salmonn_export.model.config import load_config
+    from salmonn_export.model.config import check_model_files, load_config
 
     if report is not None:  # before anything is loaded or run
         check_output_file(report, "report")
@@ -130,7 +130,7 @@ def verify(
     config = model or Path(manifest["source"]["config"])
     if not config.is_file():
         raise SalmonnError("the bundle's source config is gone; pass --model CONFIG", config)
-    cfg = load_config(config)
+    cfg = check_model_files(load_config(config))
     _check_bundle_matches_config(manifest, cfg, bundle)
     source = choose_data(cfg, data, "--data", "verification", audio_root)
     # torch and the model code load only now: bad arguments above are one line in ~1 s, not ~7 s

@@ -78,9 +78,10 @@ def eval_cmd(
 
     check_output_file(out_csv, "submission CSV")
     if model is not None:
-        from salmonn_export.model.config import load_config
+        from salmonn_export.model.config import check_model_files, load_config
 
-        model_cfg = load_config(model)  # a missing or malformed config is one line before torch is imported (~6 s)
+        # a missing or malformed config, or a file it names, is one line before torch is imported (~6 s)
+        model_cfg = check_model_files(load_config(model))
     if annotation is None and audio_root is not None:
         raise SalmonnError("--audio-root goes with --annotation (a config's own test set uses `datasets.prefix`)")
     if annotation is None and (model is not None or engine is not None):
@@ -246,7 +247,7 @@ def validate_submission_cmd(
     """Check a submission CSV with the challenge validator's rules and more.
 
     Columns, ids and string texts as the validator does, plus duplicate ids and ids missing from or
-    unknown to the annotation. Exit 1 when invalid.
+    unknown to the annotation. Exit 1 when invalid; exit 2 (one `error:` line) when the file is missing or unreadable.
 
     Example: salmonn-export validate-submission sub.csv --annotation ann.json --task asr
     """

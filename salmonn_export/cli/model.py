@@ -164,13 +164,13 @@ def generate(
 
     Example: salmonn-export generate --task asr speech.wav
     """
-    from salmonn_export.model.config import load_config
+    from salmonn_export.model.config import check_model_files, load_config
     from salmonn_export.model.prompts import config_prompts
     from salmonn_export.tasks import templated_prompt
 
     # a missing config, an unknown task or a bad audio path stops before torch is imported (~5 s)
     config = model_config(model)
-    templated_prompt(config_prompts(load_config(config)), task, "")
+    templated_prompt(config_prompts(check_model_files(load_config(config))), task, "")
     audio = audio_or_demo(audio, task, model is not None, "model")
     from salmonn_export.model.salmonn import load_salmonn
 

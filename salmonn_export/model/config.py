@@ -240,3 +240,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Salmonn
     if not isinstance(raw, dict):
         raise SalmonnError("the config must be a YAML mapping with a `model:` section", path)
     return parse_config(raw, path, overrides)
+
+
+MODEL_FILE_FIELDS = ("ckpt", "beats_path", "speech_llama_proj_model")
+MODEL_FOLDER_FIELDS = {"llama_path": "LLM", "whisper_path": "Whisper"}
+
+
+def check_model_files(config: SalmonnConfig) -> SalmonnConfig:
+    """Check the files and folders `model:` names before anything loads: at real size Whisper and
+    the LLM take minutes to load, so a mistyped `ckpt:` must not be found after them. Raises
+    SalmonnError naming the path and its field (no model hub: a hub id is a missing folder);
+    returns `config`."""
+    m = config.model
+    for name, what in MODEL_FOLDER_FIELDS.items():
+        value = getattr(m, name)
+        if value and not config.resolve(value).is_dir():
+            problem = "is a file, not a folder" if config.resolve(value).is_file() else \
+                "not found (no model hub access: give a local folder)"
+            raise SalmonnError(f"{what} folder {problem}; `model.{name}` of {config.path}", config.resolve(value))
+    for name in MODEL_FILE_FIELDS:
+        value = getattr(m, name, "")
+        if value and not config.resolve(value).is_file():
+            problem = "is a folder, not a file" if config.resolve(value).is_dir() else "file not found"
+            raise SalmonnError(f"{problem}; `model.{name}` of {config.path}", config.resolve(value))
+    return config
