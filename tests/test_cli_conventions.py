@@ -24,6 +24,10 @@ from salmonn_export.files import atomic_dir, atomic_write_text
 from salmonn_export.model.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# the CLI as the console script runs it, then whether torch was imported (bad input must stop before it)
+NO_TORCH_CLI = ("import sys\nfrom salmonn_export.cli import app\nsys.argv = ['salmonn-export', *sys.argv[1:]]\n"
+                "try:\n    app()\nfinally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', "
+                "file=sys.stderr)\n")
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -389,14 +393,14 @@ def test_a_bad_config_is_refused_before_torch_loads(tmp_path, command, config_ki
         cfg.mkdir()
     (tmp_path / "ann.json").write_text('{"annotation": []}')
     args = [a.format(cfg=cfg, tmp=tmp_path) for a in command]
-    code = ("import sys\nfrom salmonn_export.cli import app\nsys.argv = ['salmonn-export', *sys.argv[1:]]\n"
-            "try:\n    app()\nfinally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', "
-            "file=sys.stderr)\n")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_CLI, *args], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1] == "no torch", proc.stderr
     assert len(lines) == 2 and lines[0].startswith(f"error: {cfg}"), proc.stderr
+    expected = {"missing": "config file not found", "malformed": "not valid YAML at line 2",
+                "folder": "is a folder; give the config YAML file"}[config_kind]
+    assert expected in lines[0]
     assert not (tmp_path / "bundle").exists() and not (tmp_path / "sub.csv").exists()
 
 
@@ -423,10 +427,7 @@ def test_a_file_the_config_names_is_checked_before_anything_loads(tmp_path, chal
     args = {"generate": ["generate", "--model", model / "config.yaml", challenge_fixture / "audio" / "a.wav"],
             "build": ["build", "--model", model / "config.yaml", "--out", tmp_path / "bundle"],
             "eval": ["eval", "--model", model / "config.yaml", "--out", tmp_path / "sub.csv"]}[command]
-    code = ("import sys\nfrom salmonn_export.cli import app\nsys.argv = ['salmonn-export', *sys.argv[1:]]\n"
-            "try:\n    app()\nfinally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', "
-            "file=sys.stderr)\n")
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_CLI, *map(str, args)], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1] == "no torch", proc.stderr

@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from test_cli_conventions import assert_one_line_error, cli
+from test_cli_conventions import NO_TORCH_CLI, assert_one_line_error, cli
 
 from salmonn_export.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_TORCH_CLI = ("import sys\nfrom salmonn_export.cli import app\nsys.argv = ['salmonn-export', *sys.argv[1:]]\n"
-                "try:\n    app()\nfinally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', "
-                "file=sys.stderr)\n")
 
 
 def write_annotation(path: Path, audio: list[Path | str], task: str = "asr") -> Path:
@@ -98,3 +95,19 @@ def test_help_shows_on_off_flags_without_a_value_type(capsys):
             app(args=args, prog_name="salmonn-export")
         text = capsys.readouterr().out
         assert "--help" in text and "<bool>" not in text, (name, text)
+
+
+def test_ids_the_challenge_rejects_are_said_before_the_run(tmp_path, challenge_fixture, capsys):
+    """An id outside ^test\\d{4}$ makes the CSV an invalid submission that is not scored: said first,
+    before the run (hours at real size), not only after it; the CSV is still written."""
+    items = [{"testset_id": tid, "path": str(challenge_fixture / "audio" / "a.wav"), "task": "asr", "text": "a b"}
+             for tid in ("sample_1", "test0001", "utt 3")]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"annotation": items}))
+    code, _, err = cli(capsys, "eval", "--task", "asr", "--model", challenge_fixture / "config.yaml", "--annotation",
+                       ann, "--out", tmp_path / "sub.csv")
+    assert code == 0, err
+    lines = err.splitlines()
+    warned = [n for n, line in enumerate(lines) if "2 testset_ids (e.g. 'sample_1') do not match" in line]
+    assert warned and warned[0] <= 2, err  # right after the `eval asr: ...` line
+    assert "not scored" in err and (tmp_path / "sub.csv").read_text().count("\n") == 4

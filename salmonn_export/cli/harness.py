@@ -105,6 +105,13 @@ def eval_cmd(
             raise SalmonnError(f"{exc.problem} (named by {annotation}; --skip-bad-audio lists such files as skipped)",
                                exc.path) from None
     err.print(f"eval {task}: {annotation} on {model or engine or 'the demo w4a16 bundle'}", highlight=False)
+    from salmonn_export.harness.submission import ID_PATTERN
+
+    odd_ids = [e.testset_id for e in select_examples(examples, options) if not ID_PATTERN.match(e.testset_id)]
+    if odd_ids:  # said before the run, not after it (the score's check is the challenge validator's)
+        err.print(f"warning: {len(odd_ids)} testset_ids (e.g. {odd_ids[0]!r}) do not match the challenge's "
+                  "^test\\d{4}$: the CSV is written, but it is not a valid submission and is not scored",
+                  highlight=False, soft_wrap=True)
     if model is not None:
         from salmonn_export.model.salmonn import load_salmonn
 

@@ -228,6 +228,9 @@ def parse_config(raw: dict[str, Any], path: Path | None = None, overrides: list[
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SalmonnConfig:
     """Read and validate a challenge YAML config."""
     path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        hint = f" ({path / 'config.yaml'}?)" if (path / "config.yaml").is_file() else ""
+        raise SalmonnError(f"is a folder; give the config YAML file{hint}", path)
     if not path.is_file():
         raise SalmonnError("config file not found", path)
     try:
