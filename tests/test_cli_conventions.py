@@ -345,6 +345,7 @@ def test_sigterm_during_eval_keeps_the_resumable_state_like_ctrl_c(tmp_path, tin
     done = _sigterm_when(["eval", "--task", "asr", "--model", tiny_dir / "config.yaml", "--annotation", ann,
                           "--out", csv], started)
     assert done.returncode == 143 and "terminated" in done.stderr, done.stderr
+    assert f"finished items are kept in {csv}.partial.jsonl: rerun the same command to resume" in done.stderr
     assert "Traceback" not in done.stderr
     assert not csv.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.json", "sub.csv.partial.jsonl"]

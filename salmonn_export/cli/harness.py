@@ -138,21 +138,21 @@ def eval_cmd(
         from salmonn_export.serve.ray_backend import ray_batch_runner
 
         runner = ray_batch_runner(Path(bundle), device, skip_bad_audio, ray_actors, ray_address)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[score]}"), console=err, transient=as_json) as progress:
-        tid = progress.add_task(f"eval {task}", total=None, score="")
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[score]}"), console=err, transient=as_json) as progress:
+            tid = progress.add_task(f"eval {task}", total=None, score="")
 
-        def on_progress(done, total, running):
-            label = ", ".join(f"{k} {v:.4g}" for k, v in (running or {}).items())
-            progress.update(tid, completed=done, total=total, score=label)
+            def on_progress(done, total, running):
+                label = ", ".join(f"{k} {v:.4g}" for k, v in (running or {}).items())
+                progress.update(tid, completed=done, total=total, score=label)
 
-        try:
             summary = run_eval(backend, backend_id, examples, options, restart=restart, progress=on_progress,
                                runner=runner)
-        except KeyboardInterrupt:
-            err.print(f"finished items are kept in {out_csv}.partial.jsonl: rerun the same command to resume",
-                      highlight=False, soft_wrap=True)
-            raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; said once the progress display has stopped
+        err.print(f"finished items are kept in {out_csv}.partial.jsonl: rerun the same command to resume",
+                  highlight=False, soft_wrap=True)
+        raise
     if as_json:
         print(json.dumps(summary, indent=1, ensure_ascii=False))
         return

@@ -170,7 +170,9 @@ def generate(
 
     # a missing config, an unknown task or a bad audio path stops before torch is imported (~5 s)
     config = model_config(model)
-    templated_prompt(config_prompts(check_model_files(load_config(config))), task, "")
+    cfg = load_config(config)
+    templated_prompt(config_prompts(cfg), task, "")
+    check_model_files(cfg)
     audio = audio_or_demo(audio, task, model is not None, "model")
     from salmonn_export.model.salmonn import load_salmonn
 
