@@ -209,23 +209,30 @@ def choose_data(config: SalmonnConfig, given: str | Path | None, option: str, pu
             raise SalmonnError(f"--audio-root applies to an annotation .json, not to an audio folder ({option})", given)
         return check_source(DataSource(Path(given), option, Path(audio_root).resolve() if audio_root is not None
                                        else None), option)
-    datasets = config.datasets or {}
     for name in ANNOTATION_FIELDS:
-        value = datasets.get(name)
-        if value:
-            path = config.resolve(str(value))
-            if not path.is_file():
-                raise SalmonnError(f"`datasets.{name}` names an annotation file that does not exist: {path}",
-                                   config.path)
-            prefix = datasets.get("prefix")
-            return check_source(DataSource(path, f"datasets.{name}", config.resolve(str(prefix)) if prefix else None),
-                                f"`datasets.{name}`")
+        source = config_annotation(config, name)
+        if source is not None:
+            return check_source(source, f"`datasets.{name}`")
     from salmonn_export.model.demo import demo_dir
 
     if config.path is not None and config.path.resolve() == (demo_dir() / "config.yaml").resolve():
         return DataSource(config.path.parent / "audio", DEMO_ORIGIN)
     raise SalmonnError(f"no {purpose} data: `datasets:` names no {', '.join(ANNOTATION_FIELDS)}; pass {option} "
                        "AUDIO_FOLDER or ANNOTATION.json", config.path)
+
+
+def config_annotation(config: SalmonnConfig, name: str) -> DataSource | None:
+    """The annotation the config's `datasets.<name>` names, `datasets.prefix` its audio root; None
+    when the field is unset. Raises SalmonnError naming the config when the file does not exist."""
+    datasets = config.datasets or {}
+    value = datasets.get(name)
+    if not value:
+        return None
+    path = config.resolve(str(value))
+    if not path.is_file():
+        raise SalmonnError(f"`datasets.{name}` names an annotation file that does not exist: {path}", config.path)
+    prefix = datasets.get("prefix")
+    return DataSource(path, f"datasets.{name}", config.resolve(str(prefix)) if prefix else None)
 
 
 def check_source(source: DataSource, option: str) -> DataSource:

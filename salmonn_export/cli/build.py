@@ -102,7 +102,8 @@ def build(
     config = model_config(model)
     from salmonn_export.model.config import check_model_files, load_config
 
-    check_model_files(load_config(config))  # a missing or malformed config is one line before torch is imported (~5 s)
+    # a missing or malformed config, or a file it names, is one line before torch is imported (~5 s)
+    check_model_files(load_config(config))
     if out_dir is None:
         stem = "demo" if model is None else config.resolve().parent.name
         out_dir = Path("engines") / f"{stem}-{rec.name}{'-torch' if target == 'torch' else ''}"

@@ -53,14 +53,19 @@ def _untyped_flags(params: list) -> list:
     return params
 
 
-class _Command(typer.core.TyperCommand):
+class _UntypedFlags:
+    """Mixed into the app's command and group classes: their help lists flags via get_params."""
+
     def get_params(self, ctx):
         return _untyped_flags(super().get_params(ctx))
 
 
-class _Group(typer.core.TyperGroup):
-    def get_params(self, ctx):
-        return _untyped_flags(super().get_params(ctx))
+class _Command(_UntypedFlags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_UntypedFlags, typer.core.TyperGroup):
+    pass
 
 
 class SalmonnTyper(typer.Typer):
@@ -238,9 +243,10 @@ def model_config(model: Path | None) -> Path:
 
 def check_audio_files(paths: list[Path]) -> None:
     """Every file is checked before any model loads (minutes at real size): a mistyped name or a
-    text file named .wav is one error line at once, not after earlier files' results. A folder or a
-    missing file: `audio file not found` / `is a folder`, as load_clip says; a header soundfile
-    cannot read: load_clip's own `unreadable audio` line (with a conversion hint for .m4a)."""
+    text file named .wav is one error line at once, not after earlier files' results. A missing file:
+    `audio file not found`; a folder: `is a folder; give audio files` (a command-line argument; a
+    folder named in an annotation gets the same kind of line); a header soundfile cannot read:
+    load_clip's own `unreadable audio` line (with a conversion hint for .m4a)."""
     import soundfile as sf
 
     for path in paths:

@@ -98,16 +98,17 @@ def eval_cmd(
     examples = read_annotation(annotation, task, audio_root)
     options = EvalOptions(out=out_csv, task=task, batch_size=batch_size, shard=shard_range,
                           skip_bad_audio=skip_bad_audio, limit=limit)
+    selected = select_examples(examples, options)  # run_eval selects the same items
     if not skip_bad_audio:
         try:
-            check_audio_files([e.audio for e in select_examples(examples, options)])
+            check_audio_files([e.audio for e in selected])
         except SalmonnError as exc:
             raise SalmonnError(f"{exc.problem} (named by {annotation}; --skip-bad-audio lists such files as skipped)",
                                exc.path) from None
     err.print(f"eval {task}: {annotation} on {model or engine or 'the demo w4a16 bundle'}", highlight=False)
     from salmonn_export.harness.submission import ID_PATTERN
 
-    odd_ids = [e.testset_id for e in select_examples(examples, options) if not ID_PATTERN.match(e.testset_id)]
+    odd_ids = [e.testset_id for e in selected if not ID_PATTERN.match(e.testset_id)]
     if odd_ids:  # said before the run, not after it (the score's check is the challenge validator's)
         err.print(f"warning: {len(odd_ids)} testset_ids (e.g. {odd_ids[0]!r}) do not match the challenge's "
                   "^test\\d{4}$: the CSV is written, but it is not a valid submission and is not scored",
@@ -181,6 +182,7 @@ def _config_test_set(cfg, engine: Path | None) -> tuple[Path | None, Path | None
     """The test annotation (and audio root, `datasets.prefix`) of --model's config, or of the config the
     --engine bundle was built from; (None, None) for the demo model, whose test set `demo-data` writes.
     Raises SalmonnError naming the config when it names no test set."""
+    from salmonn_export.dataset import config_annotation
     from salmonn_export.files import cache_root
     from salmonn_export.model.config import load_config
 
@@ -194,11 +196,10 @@ def _config_test_set(cfg, engine: Path | None) -> tuple[Path | None, Path | None
         cfg = load_config(source)
     if cfg.path is not None and cfg.path.resolve() == (cache_root() / "demo-model" / "config.yaml").resolve():
         return None, None  # model.demo.demo_dir(), without importing torch
-    value = (cfg.datasets or {}).get("test_ann_path")
-    if not value:
+    source = config_annotation(cfg, "test_ann_path")
+    if source is None:
         raise SalmonnError("no test set: the config's `datasets:` names no test_ann_path; pass --annotation", cfg.path)
-    prefix = (cfg.datasets or {}).get("prefix")
-    return cfg.resolve(str(value)), cfg.resolve(str(prefix)) if prefix else None
+    return source.path, source.audio_root
 
 
 def print_score(task: str, result: dict) -> None:

@@ -254,16 +254,16 @@ def check_model_files(config: SalmonnConfig) -> SalmonnConfig:
     the LLM take minutes to load, so a mistyped `ckpt:` must not be found after them. Raises
     SalmonnError naming the path and its field (no model hub: a hub id is a missing folder);
     returns `config`."""
-    m = config.model
     for name, what in MODEL_FOLDER_FIELDS.items():
-        value = getattr(m, name)
-        if value and not config.resolve(value).is_dir():
-            problem = "is a file, not a folder" if config.resolve(value).is_file() else \
-                "not found (no model hub access: give a local folder)"
-            raise SalmonnError(f"{what} folder {problem}; `model.{name}` of {config.path}", config.resolve(value))
+        value = getattr(config.model, name)
+        path = config.resolve(value) if value else None
+        if path is not None and not path.is_dir():
+            problem = "is a file, not a folder" if path.is_file() else "not found (no model hub access: give a local folder)"
+            raise SalmonnError(f"{what} folder {problem}; `model.{name}` of {config.path}", path)
     for name in MODEL_FILE_FIELDS:
-        value = getattr(m, name, "")
-        if value and not config.resolve(value).is_file():
-            problem = "is a folder, not a file" if config.resolve(value).is_dir() else "file not found"
-            raise SalmonnError(f"{problem}; `model.{name}` of {config.path}", config.resolve(value))
+        value = getattr(config.model, name)
+        path = config.resolve(value) if value else None
+        if path is not None and not path.is_file():
+            problem = "is a folder, not a file" if path.is_dir() else "file not found"
+            raise SalmonnError(f"{problem}; `model.{name}` of {config.path}", path)
     return config
