@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -47,25 +46,30 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def readout(teacher: reader.PoolTeacher, feats: stage2.Features, index: list[int], tok) -> tuple[list[str], list[float]]:
+    """Greedy CTC transcripts and CTC NLL per reference token of the clips `index` (diagnose.ctc_readout)."""
+    hyps, nll = [], []
+    with torch.inference_mode():
+        for start in range(0, len(index), 16):
+            w, _, _, texts = feats.batch(index[start:start + 16])
+            h, n, _ = diagnose.ctc_readout(teacher.head(teacher.proj(teacher.features(w))), texts, tok, teacher.blank)
+            hyps += h
+            nll += n
+    return hyps, nll
+
+
 def evaluate(teacher: reader.PoolTeacher, feats: stage2.Features, sets: dict, tok) -> dict:
     """Greedy CTC WER/CER and CTC NLL per token on each diagnosis set (diagnose.ctc_readout/score)."""
     teacher.eval()
     result = {}
-    with torch.inference_mode():
-        for name, index in sets.items():
-            hyps, nll = [], []
-            for start in range(0, len(index), 16):
-                w, _, _, texts = feats.batch(index[start:start + 16])
-                h, n, _ = diagnose.ctc_readout(teacher.head(teacher.proj(teacher.features(w))), texts, tok,
-                                               tok.pad_token_id)
-                hyps += h
-                nll += n
-            refs = [feats.clips[i]["text"].lower() for i in index]
-            voices = [feats.clips[i]["voice"] for i in index]
-            scored = diagnose.score(hyps, refs, voices)
-            result[name] = {"wer": scored["wer"], "cer": scored["cer"], "n": scored["n"],
-                            "ctc_nll_per_token": round(float(np.mean(nll)), 4),
-                            "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3])]}
+    for name, index in sets.items():
+        hyps, nll = readout(teacher, feats, index, tok)
+        refs = [feats.clips[i]["text"].lower() for i in index]
+        voices = [feats.clips[i]["voice"] for i in index]
+        scored = diagnose.score(hyps, refs, voices)
+        result[name] = {"wer": scored["wer"], "cer": scored["cer"], "n": scored["n"],
+                        "ctc_nll_per_token": round(float(np.mean(nll)), 4),
+                        "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3])]}
     teacher.train()
     return result
 
@@ -82,10 +86,7 @@ def main() -> None:
     tok = load_tokenizer(work / "llm")
     torch.manual_seed(args.seed)
     teacher = reader._teacher(work / "llm", feats, diagnose.WINDOW_FRAMES)
-    train, _ = reader._split(feats, args.seed)
-    asr = [i for i in train if feats.clips[i]["task"] == "asr"]
-    opt = torch.optim.AdamW(teacher.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: reader._cosine(s, args.steps, max(1, args.steps // 20)))
+    asr, opt, sched = reader.teacher_setup(teacher, feats, args.seed, args.steps, args.lr)
     state_path = args.scratch / "state.pt"
     log = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "points": [],
            "train_ctc_loss": {}}
@@ -99,11 +100,7 @@ def main() -> None:
         print(f"resumed at step {start}", flush=True)
     losses, t0 = [], time.time()
     for step in range(start, args.steps):
-        index = random.Random(args.seed * 1_000_003 + step).sample(asr, args.batch)  # reader.train_teacher's draw
-        w, _, _, texts = feats.batch(index)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = teacher.ctc_loss(w, [tok(t, add_special_tokens=False).input_ids for t in texts])
-        reader._optimizer_step(loss, opt, sched, teacher.parameters(), losses)
+        reader.teacher_step(teacher, feats, asr, tok, step, args.seed, args.batch, opt, sched, losses)
         done = step + 1
         if done % 200 == 0:
             log["train_ctc_loss"][str(done)] = round(float(np.mean(losses[-200:])), 3)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import coverage  # noqa: E402
 import diagnose  # noqa: E402
 import lm  # noqa: E402
+import pilot_teacher  # noqa: E402
 import reader  # noqa: E402
 import stage2  # noqa: E402
 
@@ -50,34 +50,23 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     table = torch.nn.functional.normalize(torch.randn(blank + 1, HIDDEN), dim=-1)
     teacher = reader.PoolTeacher(feats.whisper_width, HIDDEN, table, blank, diagnose.WINDOW_FRAMES)
-    train_clips, _ = reader._split(feats, args.seed)
-    asr = [i for i in train_clips if feats.clips[i]["task"] == "asr"]
-    opt = torch.optim.AdamW(teacher.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: reader._cosine(s, args.steps, max(1, args.steps // 20)))
+    asr, opt, sched = reader.teacher_setup(teacher, feats, args.seed, args.steps, args.lr)
     losses, t0, curve = [], time.time(), {}
     for step in range(args.steps):
-        index = random.Random(args.seed * 1_000_003 + step).sample(asr, args.batch)  # reader.train_teacher's draw
-        w, _, _, texts = feats.batch(index)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = teacher.ctc_loss(w, [tok(t, add_special_tokens=False).input_ids for t in texts])
-        reader._optimizer_step(loss, opt, sched, teacher.parameters(), losses)
+        reader.teacher_step(teacher, feats, asr, tok, step, args.seed, args.batch, opt, sched, losses)
         if (step + 1) % 100 == 0:
             curve[str(step + 1)] = round(float(np.mean(losses[-100:])), 3)
             print(f"vocab {args.vocab} step {step + 1}: ctc {curve[str(step + 1)]} ({time.time() - t0:.0f} s)", flush=True)
     counts, _ = coverage.training_word_counts(feats.clips)
     teacher.eval()
     result = {"vocab": len(tok), "steps": args.steps, "seconds": round(time.time() - t0, 1), "train_ctc_loss": curve}
-    with torch.inference_mode():
-        for name, index in sets.items():
-            hyps = []
-            for start in range(0, len(index), 16):
-                w, _, _, texts = feats.batch(index[start:start + 16])
-                hyps += diagnose.ctc_readout(teacher.head(teacher.proj(teacher.features(w))), texts, tok, blank)[0]
-            refs = [feats.clips[i]["text"].lower() for i in index]
-            scored = diagnose.score(hyps, refs, [feats.clips[i]["voice"] for i in index])
-            result[name] = {"wer": scored["wer"], "cer": scored["cer"],
-                            "recall_by_training_count": coverage.recall_by_bucket(refs, hyps, counts),
-                            "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3])]}
+    for name, index in sets.items():
+        hyps, _ = pilot_teacher.readout(teacher, feats, index, tok)
+        refs = [feats.clips[i]["text"].lower() for i in index]
+        scored = diagnose.score(hyps, refs, [feats.clips[i]["voice"] for i in index])
+        result[name] = {"wer": scored["wer"], "cer": scored["cer"],
+                        "recall_by_training_count": coverage.recall_by_bucket(refs, hyps, counts),
+                        "examples": [{"ref": r, "hyp": h} for r, h in zip(refs[:3], hyps[:3])]}
     return result
 
 

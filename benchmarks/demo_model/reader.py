@@ -136,6 +136,25 @@ def _teacher(llm: Path, feats: stage2.Features, window: int) -> PoolTeacher:
     return PoolTeacher(feats.whisper_width, table.shape[1], table, tokenizer.pad_token_id, window)
 
 
+def teacher_setup(teacher: PoolTeacher, feats: stage2.Features, seed: int, steps: int, lr: float):
+    """The teacher's training ASR clips (validation clips excluded), AdamW and its warmup-cosine schedule."""
+    train, _ = _split(feats, seed)
+    asr = [i for i in train if feats.clips[i]["task"] == "asr"]
+    opt = torch.optim.AdamW(teacher.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    return asr, opt, sched
+
+
+def teacher_step(teacher: PoolTeacher, feats: stage2.Features, asr: list[int], tokenizer, step: int, seed: int,
+                 batch: int, opt, sched, losses: list[float]) -> None:
+    """One CTC step on the batch drawn for (seed, step): the same clips whichever script runs it."""
+    index = random.Random(seed * 1_000_003 + step).sample(asr, batch)
+    w, _, _, texts = feats.batch(index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = teacher.ctc_loss(w, [tokenizer(t, add_special_tokens=False).input_ids for t in texts])
+    _optimizer_step(loss, opt, sched, teacher.parameters(), losses)
+
+
 def train_teacher(work: Path, llm: Path, steps: int, batch: int, window: int, seed: int, log,
                   lr: float = 3e-3) -> dict:
     """CTC-train the PoolTeacher on the training ASR clips (validation clips excluded); work/teacher.pt."""
@@ -145,17 +164,10 @@ def train_teacher(work: Path, llm: Path, steps: int, batch: int, window: int, se
     feats = stage2.Features(work)
     tokenizer = load_tokenizer(llm)
     teacher = _teacher(llm, feats, window)
-    train, _ = _split(feats, seed)
-    asr = [i for i in train if feats.clips[i]["task"] == "asr"]
-    opt = torch.optim.AdamW(teacher.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    asr, opt, sched = teacher_setup(teacher, feats, seed, steps, lr)
     losses, t0 = [], time.time()
     for step in range(steps):
-        index = random.Random(seed * 1_000_003 + step).sample(asr, batch)
-        w, _, _, texts = feats.batch(index)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = teacher.ctc_loss(w, [tokenizer(t, add_special_tokens=False).input_ids for t in texts])
-        _optimizer_step(loss, opt, sched, teacher.parameters(), losses)
+        teacher_step(teacher, feats, asr, tokenizer, step, seed, batch, opt, sched, losses)
         if (step + 1) % 200 == 0 or step + 1 == steps:
             log("teacher-progress", step=step + 1, ctc_loss=round(float(np.mean(losses[-200:])), 3),
                 seconds=round(time.time() - t0, 1))
