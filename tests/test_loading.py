@@ -145,3 +145,24 @@ def test_pad_token_added_and_embedding_rows_are_the_mean(tiny_model, tiny_dir):
     assert emb.shape[0] == len(tok) == base.config.vocab_size + 1
     assert torch.equal(emb[-1], base.get_input_embeddings().weight.mean(0))
     assert torch.equal(head[-1], base.get_output_embeddings().weight.mean(0))
+
+
+@pytest.mark.parametrize("kind", ["whisper folder", "gpt2", "no model_type"])
+def test_llm_folder_that_is_not_a_llama_is_named(tiny_copy, kind):
+    """transformers would load any causal LM (a Whisper folder as llama_path loads as
+    WhisperForCausalLM) and peft would fail later with a traceback: the config is checked first."""
+    import json
+
+    path = tiny_copy / "llm" / "config.json"
+    config = json.loads(path.read_text())
+    if kind == "whisper folder":
+        config = json.loads((tiny_copy / "whisper" / "config.json").read_text())
+    elif kind == "gpt2":
+        config["model_type"] = "gpt2"
+    else:
+        del config["model_type"]
+    path.write_text(json.dumps(config))
+    found = {"whisper folder": "a `whisper` model", "gpt2": "a `gpt2` model", "no model_type": "no `model_type`"}[kind]
+    with pytest.raises(SalmonnError, match=re.escape(f"LLM config names {found}, not `llama`")) as err:
+        load_salmonn(tiny_copy / "config.yaml")
+    assert str(path) in str(err.value)

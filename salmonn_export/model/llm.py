@@ -37,11 +37,21 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _bnb_quant_config(folder: Path) -> dict | None:
+def _read_llama_config(folder: Path) -> dict:
+    """config.json of an LLM folder, checked to be a Llama's (SALMONN's LLM is a LlamaForCausalLM:
+    transformers would load another causal LM, e.g. a Whisper folder, and fail later in LoRA).
+    Raises SalmonnError naming the file."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise SalmonnError(f"unreadable LLM config.json ({exc})", folder / "config.json") from None
+    if cfg.get("model_type") != "llama":
+        found = f"a `{cfg['model_type']}` model" if cfg.get("model_type") else "no `model_type`"
+        raise SalmonnError(f"LLM config names {found}, not `llama` (SALMONN's LLM is a Llama)", folder / "config.json")
+    return cfg
+
+
+def _bnb_quant_config(cfg: dict) -> dict | None:
     q = cfg.get("quantization_config")
     if q and q.get("quant_method") == "bitsandbytes":
         return q
@@ -131,7 +141,7 @@ def load_base_llm(folder: str | Path, keep_stored_dtype: bool = False) -> torch.
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SalmonnError("LLM folder has no config.json (no model hub access: give a local folder)", folder)
-    quant = _bnb_quant_config(folder)
+    quant = _bnb_quant_config(_read_llama_config(folder))
     if quant is None:
         dtype = stored_dtype(folder) if keep_stored_dtype else torch.float32
         try:
