@@ -97,6 +97,21 @@ def test_help_shows_on_off_flags_without_a_value_type(capsys):
         assert "--help" in text and "<bool>" not in text, (name, text)
 
 
+def test_help_paragraphs_are_wrapped_once(capsys, monkeypatch):
+    """typer re-wraps a docstring paragraph's hard line breaks into ragged lines; every command's
+    help paragraphs are single lines, so a wide terminal shows each paragraph whole."""
+    import typer
+
+    group = typer.main.get_command(app)
+    for name, command in [("salmonn-export", group), *group.commands.items()]:
+        assert all("\n" not in paragraph for paragraph in command.help.split("\n\n")), name
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit):
+        app(args=["validate-submission", "--help"], prog_name="salmonn-export")
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert any(line.startswith("Columns, ids") and line.endswith("or is a folder.") for line in lines), lines
+
+
 def test_ids_the_challenge_rejects_are_said_before_the_run(tmp_path, challenge_fixture, capsys):
     """An id outside ^test\\d{4}$ makes the CSV an invalid submission that is not scored: said first,
     before the run (hours at real size), not only after it; the CSV is still written."""

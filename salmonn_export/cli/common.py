@@ -6,6 +6,7 @@ Every user-fixable problem is a `SalmonnError`, printed on one line with exit co
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -53,18 +54,33 @@ def _untyped_flags(params: list) -> list:
     return params
 
 
-class _UntypedFlags:
-    """Mixed into the app's command and group classes: their help lists flags via get_params."""
+def _unwrapped(help_text: str | None) -> str | None:
+    """typer 0.29's rich help joins the lines of a docstring's first paragraph but keeps the hard
+    line breaks of the others, then wraps them again: ragged lines. Each paragraph becomes one line
+    here (paragraphs stay apart; a paragraph starting with click's no-rewrap marker \\b is kept)."""
+    if not help_text:
+        return help_text
+    paragraphs = inspect.cleandoc(help_text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n")) for p in paragraphs)
+
+
+class _HelpFormat:
+    """Mixed into the app's command and group classes: flags listed without `<bool>` (get_params),
+    help paragraphs wrapped once (`_unwrapped`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = _unwrapped(self.help)
 
     def get_params(self, ctx):
         return _untyped_flags(super().get_params(ctx))
 
 
-class _Command(_UntypedFlags, typer.core.TyperCommand):
+class _Command(_HelpFormat, typer.core.TyperCommand):
     pass
 
 
-class _Group(_UntypedFlags, typer.core.TyperGroup):
+class _Group(_HelpFormat, typer.core.TyperGroup):
     pass
 
 

@@ -49,8 +49,10 @@ def run(
 ):
     """Run an engine bundle on audio files (onnxruntime + numpy, no PyTorch): one line per file.
 
-    Each `file<TAB>text` line is printed as soon as its batch finishes; --json prints one JSON
-    document (settings, timings, results in order) when all files are done.
+    Each `file<TAB>text` line is printed as soon as its batch finishes; a name or text holding a tab,
+    newline or other unprintable character is printed quoted, as a Python string literal, so that it
+    stays one line. --json prints one JSON document (settings, timings, results in order, texts as
+    they are) when all files are done.
 
     A `build --target torch` bundle runs on the PyTorch engine instead (its manifest says so), on
     --device cpu or cuda.

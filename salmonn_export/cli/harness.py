@@ -31,7 +31,9 @@ from salmonn_export.errors import SalmonnError
 @handle_errors
 def eval_cmd(
     task: TaskOpt = "asr",
-    annotation: Annotated[Path | None, typer.Option(help="Challenge annotation JSON (default: the demo test set).")] = None,
+    annotation: Annotated[Path | None, typer.Option(help="Challenge annotation JSON (default: the config's "
+                                                                   "datasets.test_ann_path; the demo's test set for "
+                                                                   "the demo).")] = None,
     engine: Annotated[Path | None, typer.Option("--engine", "-e", help="Engine bundle to evaluate.")] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Evaluate the PyTorch reference of this config "
                                                                       "instead of an engine.")] = None,
@@ -255,7 +257,8 @@ def validate_submission_cmd(
     """Check a submission CSV with the challenge validator's rules and more.
 
     Columns, ids and string texts as the validator does, plus duplicate ids and ids missing from or
-    unknown to the annotation. Exit 1 when invalid; exit 2 (one `error:` line) when the file is missing or unreadable.
+    unknown to the annotation. Exit 1 when invalid, a file that cannot be parsed included (not UTF-8,
+    unbalanced quotes, empty); exit 2 (one `error:` line) when the file is missing or is a folder.
 
     Example: salmonn-export validate-submission sub.csv --annotation ann.json --task asr
     """

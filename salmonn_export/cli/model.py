@@ -34,7 +34,10 @@ from salmonn_export.errors import SalmonnError
 @handle_errors
 def tiny(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the trained-SALMONN files into.")],
-    preset: Annotated[str, typer.Option(help="tiny: seconds end to end; small: real proportions (~150M LLM).")] = "tiny",
+    preset: Annotated[str, typer.Option(help="tiny: seconds end to end; small: real proportions (~150M LLM); "
+                                                 "challenge-1b / challenge-3b: the challenge's real shapes, random "
+                                                 "weights (Llama-3.2-1B / 3B, Whisper-large, BEATs; 5.0 / 9.2 GB, "
+                                                 "about 1-2 min).")] = "tiny",
     seed: Annotated[int, typer.Option(callback=bounded(0, SEED_MAX), help="Seed; the same seed gives byte-identical files.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR.")] = False,
     as_json: JsonOpt = False,
@@ -159,8 +162,10 @@ def generate(
 ):
     """Run the PyTorch reference SALMONN on audio files: one output line per file.
 
-    Each `file<TAB>text` line is printed as soon as its batch finishes; --json prints one JSON
-    document (settings, timings, results in order) when all files are done.
+    Each `file<TAB>text` line is printed as soon as its batch finishes; a name or text holding a tab,
+    newline or other unprintable character is printed quoted, as a Python string literal, so that it
+    stays one line. --json prints one JSON document (settings, timings, results in order, texts as
+    they are) when all files are done.
 
     Example: salmonn-export generate --task asr speech.wav
     """
